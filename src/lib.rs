@@ -1,0 +1,1 @@
+//! campaign-gate: a reverse-proxy auth sidecar for Campaign-style APIs.
