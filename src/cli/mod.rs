@@ -1,0 +1,2 @@
+//! STUB: command line (being written).
+pub mod demo;

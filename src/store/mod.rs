@@ -1,0 +1,312 @@
+//! The key store: users, their secret keys, grants and access tokens, behind one
+//! interface with one implementation per backend (`file:` now, `redis://` next).
+//!
+//! Domain rules (two slots, promotion, grace) live in [`records`] as pure functions so
+//! that every backend applies the same ones; a backend only adds storage and atomicity.
+
+pub mod file;
+pub mod records;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// SHA-256 of a whole bearer token string: the only form in which a secret is stored.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TokenHash(pub [u8; 32]);
+
+impl TokenHash {
+    /// Hashes the token exactly as it appeared on the wire.
+    pub fn of(token: &[u8]) -> TokenHash {
+        TokenHash(Sha256::digest(token).into())
+    }
+
+    /// Lower-case hex, as used in store keys.
+    pub fn to_hex(&self) -> String {
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            s.push(char::from(HEX[usize::from(b >> 4)]));
+            s.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        s
+    }
+
+    pub fn from_hex(s: &str) -> Option<TokenHash> {
+        let bytes = s.as_bytes();
+        if bytes.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in bytes.chunks_exact(2).enumerate() {
+            let hi = hex_val(pair[0])?;
+            let lo = hex_val(pair[1])?;
+            out[i] = (hi << 4) | lo;
+        }
+        Some(TokenHash(out))
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn hex_val(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        _ => None,
+    }
+}
+
+impl std::fmt::Debug for TokenHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenHash({})", self.to_hex())
+    }
+}
+
+impl Serialize for TokenHash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenHash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        TokenHash::from_hex(&s).ok_or_else(|| serde::de::Error::custom("invalid token hash"))
+    }
+}
+
+/// Users are of one type, fixed at creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UserType {
+    /// Calls APIs with secret keys; only the APIs it was granted.
+    Api,
+    /// Works in the product's UI; never calls APIs and never has keys.
+    Ui,
+}
+
+impl UserType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UserType::Api => "api",
+            UserType::Ui => "ui",
+        }
+    }
+}
+
+impl std::str::FromStr for UserType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "api" => Ok(UserType::Api),
+            "ui" => Ok(UserType::Ui),
+            _ => Err(format!("unknown user type {s:?} (expected api or ui)")),
+        }
+    }
+}
+
+/// A user record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: UserType,
+    pub tenant: String,
+    pub name: String,
+    pub disabled: bool,
+    /// API names, sorted and unique.
+    pub grants: Vec<String>,
+    pub created_ms: u64,
+}
+
+/// One secret key of a user. A key is valid while `expires_ms` is unset, or until that
+/// instant (its grace deadline) once deleted; a deleted key holds no slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretKey {
+    pub hash: TokenHash,
+    /// Not secret: what logs, the CLI and identity headers show.
+    pub key_id: String,
+    /// 1 or 2 while active; `None` once deleted.
+    pub slot: Option<u8>,
+    pub created_ms: u64,
+    pub expires_ms: Option<u64>,
+    pub last_used_ms: Option<u64>,
+}
+
+impl SecretKey {
+    /// Whether the key still authenticates at `now_ms` (active, or in grace).
+    pub fn valid_at(&self, now_ms: u64) -> bool {
+        self.expires_ms.is_none_or(|d| now_ms < d)
+    }
+}
+
+/// A short-lived access token of the deprecated token flow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessToken {
+    pub hash: TokenHash,
+    pub user_id: String,
+    pub parent: TokenHash,
+    pub expires_ms: u64,
+}
+
+/// What a bearer token resolves to in the store: its user and the key it stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub user: User,
+    /// Key id of the secret key (for an access token: of its parent key).
+    pub key_id: String,
+    /// The instant from which the token is refused: the key's grace deadline, or for an
+    /// access token the earlier of its own expiry and its parent's deadline.
+    pub deadline_ms: Option<u64>,
+}
+
+/// Fields of a new user.
+#[derive(Debug, Clone)]
+pub struct NewUser {
+    pub id: String,
+    pub kind: UserType,
+    pub tenant: String,
+    pub name: String,
+    pub grants: Vec<String>,
+}
+
+/// When a deleted key stops working.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revocation {
+    /// At once: a leaked key.
+    Now,
+    /// After a grace period, counted from the deletion.
+    Grace(Duration),
+}
+
+/// What a store change invalidates in the gateways' caches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    Key(TokenHash),
+    User(String),
+    All,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The operation breaks a domain rule; nothing was written. The message is for people.
+    #[error("{0}")]
+    Refused(String),
+    /// The store could not be reached or did not answer in time.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store answered with something this version cannot read.
+    #[error("store data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    pub fn refused(msg: impl Into<String>) -> StoreError {
+        StoreError::Refused(msg.into())
+    }
+}
+
+/// The store chosen by `[store] url`. An enum rather than a trait object: the set of
+/// backends is closed and the lookup on the request path stays a direct call.
+#[derive(Clone)]
+pub enum Store {
+    File(Arc<file::FileStore>),
+}
+
+impl Store {
+    /// Opens the store named by a `[store] url`.
+    pub async fn open(url: &str, prefix: &str, timeout: Duration) -> Result<Store, StoreError> {
+        let _ = (prefix, timeout);
+        if let Some(path) = url.strip_prefix("file:") {
+            return Ok(Store::File(Arc::new(file::FileStore::open(path.as_ref())?)));
+        }
+        Err(StoreError::Unavailable(format!(
+            "unsupported store url {url:?}"
+        )))
+    }
+
+    /// Resolves a token hash to its user and key: `None` for an unknown token, a key past
+    /// its deadline, or an expired access token.
+    pub async fn lookup(&self, hash: &TokenHash) -> Result<Option<Resolved>, StoreError> {
+        match self {
+            Store::File(s) => s.lookup(hash),
+        }
+    }
+
+    pub async fn create_user(&self, user: NewUser) -> Result<User, StoreError> {
+        match self {
+            Store::File(s) => s.create_user(user),
+        }
+    }
+
+    pub async fn user(&self, id: &str) -> Result<Option<User>, StoreError> {
+        match self {
+            Store::File(s) => s.user(id),
+        }
+    }
+
+    pub async fn users(&self) -> Result<Vec<User>, StoreError> {
+        match self {
+            Store::File(s) => s.users(),
+        }
+    }
+
+    pub async fn set_disabled(&self, id: &str, disabled: bool) -> Result<User, StoreError> {
+        match self {
+            Store::File(s) => s.set_disabled(id, disabled),
+        }
+    }
+
+    /// Deletes the user; its keys and access tokens stop working at once.
+    pub async fn delete_user(&self, id: &str) -> Result<(), StoreError> {
+        match self {
+            Store::File(s) => s.delete_user(id),
+        }
+    }
+
+    /// Adds grants (API names already checked against the config by the caller).
+    pub async fn grant(&self, id: &str, apis: &[String]) -> Result<User, StoreError> {
+        match self {
+            Store::File(s) => s.grant(id, apis),
+        }
+    }
+
+    pub async fn revoke_grants(&self, id: &str, apis: &[String]) -> Result<User, StoreError> {
+        match self {
+            Store::File(s) => s.revoke_grants(id, apis),
+        }
+    }
+
+    /// Stores a new key (generated or imported) in the first free slot.
+    pub async fn add_key(
+        &self,
+        id: &str,
+        hash: TokenHash,
+        key_id: &str,
+    ) -> Result<SecretKey, StoreError> {
+        match self {
+            Store::File(s) => s.add_key(id, hash, key_id),
+        }
+    }
+
+    /// The user's keys that still work (active or in grace), slot 1 first.
+    pub async fn keys(&self, id: &str) -> Result<Vec<SecretKey>, StoreError> {
+        match self {
+            Store::File(s) => s.keys(id),
+        }
+    }
+
+    /// Deletes the key in `slot`, promoting key 2 when key 1 goes.
+    pub async fn delete_key(
+        &self,
+        id: &str,
+        slot: u8,
+        how: Revocation,
+    ) -> Result<SecretKey, StoreError> {
+        match self {
+            Store::File(s) => s.delete_key(id, slot, how),
+        }
+    }
+}

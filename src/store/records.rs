@@ -1,0 +1,1 @@
+//! Domain rules of users and keys as pure functions over one user's records.
