@@ -271,7 +271,7 @@ pub fn keys(config: &Config, cmd: KeysCommand, json: bool) -> Result<Done, Failu
                 ));
             }
             eprintln!(
-                "generated key {slot} for {id} (key id {}); the token below is shown only this once",
+                "generated key {slot} for {id} (key id {}); store the token now, it is not shown again",
                 key.key_id
             );
             Ok(Done::ok(format!("{token}\n")))
