@@ -262,8 +262,7 @@ fn route(config: &Config, method: &str, target: &str, json: bool) -> Result<Done
         }
         Ok(m) if !table.method_allowed(&m) => Err(NoApi::MethodNotAllowed),
         Ok(m) => {
-            // WIRE(path.rs): `let checked = crate::path::canonicalize(path).map_err(|e| e.to_string());`
-            let checked: Result<Cow<'_, str>, String> = Ok(Cow::Borrowed(path));
+            let checked = crate::path::canonicalize(path).map_err(|e| e.to_string());
             match checked {
                 Err(reason) => Err(NoApi::InvalidPath(reason)),
                 Ok(c) => {
