@@ -599,10 +599,10 @@ fn build(
         ));
     }
     let host = opt_string("upstream", "host");
-    if let Some(h) = &host {
-        if http::HeaderValue::from_str(h).is_err() || h.is_empty() {
-            errors.push(err("upstream.host", "not a valid Host header value"));
-        }
+    if let Some(h) = &host
+        && (http::HeaderValue::from_str(h).is_err() || h.is_empty())
+    {
+        errors.push(err("upstream.host", "not a valid Host header value"));
     }
 
     let tokens_path = string("tokens", "path");

@@ -1,8 +1,27 @@
 //! campaign-gate: a reverse-proxy auth sidecar for Campaign-style APIs.
+//!
+//! # Layout
+//! Data flows one way: listener -> connection -> pipeline -> forwarder.
+//! - [`server`]: listeners, hyper connections, limits, the request handler, shutdown, reload.
+//! - [`pipeline`]: the per-request decision: sanity -> authenticate -> route -> authorize.
+//! - [`path`]: canonical paths. [`routes`]: the route table and API ids.
+//! - [`auth`]: bearer parsing, token hashing, principals, the cache and invalidation.
+//! - [`store`]: the `Store` interface, domain rules ([`store::records`]), backends.
+//! - [`forward`]: the upstream client and streaming bodies. [`headers`]: header hygiene.
+//! - [`errors`]: refusal kinds -> status, code, JSON body, `WWW-Authenticate`.
+//! - [`admin`]: health, readiness, metrics. [`telemetry`]: logs and metric types.
+//! - [`config`]: schema, defaults, env overrides, validation. [`cli`]: the command line.
 
+pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod errors;
+pub mod forward;
+pub mod headers;
+pub mod path;
+pub mod pipeline;
 pub mod routes;
 pub mod server;
 pub mod store;
+pub mod telemetry;

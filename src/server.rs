@@ -1,11 +1,455 @@
-//! STUB: listeners and connections (being written).
-#![allow(dead_code, unused_variables)]
-use std::path::PathBuf;
+//! Listeners and connections: binding, hyper connection setup (HTTP/1.1 and h2c),
+//! connection limits, the per-request handler that joins pipeline and forwarder, and
+//! shutdown and reload.
 
-/// Runs the gateway until SIGTERM/SIGINT. `config_path` is re-read on SIGHUP.
-pub async fn serve(
-    config: crate::config::Config,
-    config_path: Option<PathBuf>,
-) -> std::io::Result<()> {
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST};
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::errors::Refusal;
+use crate::forward::{Forwarder, GateBody, LimitedBody};
+use crate::headers::{self, X_REQUEST_ID};
+use crate::pipeline::{self, Policy};
+use crate::store::Store;
+use crate::telemetry::Metrics;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// State shared by every connection of one gateway process.
+pub struct Gate {
+    pub policy: ArcSwap<Policy>,
+    pub auth: Authenticator,
+    pub forwarder: Forwarder,
+    pub metrics: Arc<Metrics>,
+    /// Latched true once the store answered and invalidation is live; never unset.
+    pub ready: AtomicBool,
+}
+
+/// A running gateway: its bound addresses and the handle to stop it.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub gate: Arc<Gate>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// Opens the store, binds both listeners and starts serving.
+    pub async fn start(config: Config) -> Result<Gateway, BoxError> {
+        let metrics = Arc::new(Metrics::default());
+        let store = Store::open(
+            &config.store.url,
+            &config.store.prefix,
+            config.store.timeout,
+        )
+        .await?;
+        let auth = Authenticator::new(
+            store.clone(),
+            &config.auth,
+            config.store.timeout,
+            metrics.clone(),
+        );
+        let forwarder = Forwarder::new(&config.upstream, config.server.request_timeout);
+        let listener = TcpListener::bind(config.server.listen)
+            .await
+            .map_err(|e| format!("server.listen {}: {e}", config.server.listen))?;
+        let admin_listener = TcpListener::bind(config.admin.listen)
+            .await
+            .map_err(|e| format!("admin.listen {}: {e}", config.admin.listen))?;
+        let addr = listener.local_addr()?;
+        let admin_addr = admin_listener.local_addr()?;
+        let poll = config
+            .auth
+            .invalidation_check_interval
+            .min(Duration::from_millis(200));
+        let policy = Policy::new(config).map_err(|e| format!("invalid config: {e}"))?;
+        let gate = Arc::new(Gate {
+            policy: ArcSwap::from_pointee(policy),
+            auth,
+            forwarder,
+            metrics,
+            ready: AtomicBool::new(false),
+        });
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let tasks = vec![
+            tokio::spawn(accept_loop(listener, gate.clone(), shutdown_rx.clone())),
+            tokio::spawn(crate::admin::serve(
+                admin_listener,
+                gate.clone(),
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(watch_store(gate.clone(), store, poll, shutdown_rx)),
+        ];
+        Ok(Gateway {
+            addr,
+            admin_addr,
+            gate,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Replaces the policy (routes, grants config) with one built from `config`; the
+    /// old one keeps serving when the new one is invalid.
+    pub fn reload(&self, config: Config) -> Result<(), String> {
+        let policy = Policy::new(config)?;
+        self.gate.policy.store(Arc::new(policy));
+        // Cached grants were compiled against the old route table.
+        self.gate.auth.flush_all("config reload");
+        Ok(())
+    }
+
+    /// Stops accepting, drains in-flight requests up to `[server] shutdown_grace`.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Runs the gateway until SIGTERM/SIGINT; SIGHUP re-reads `config_path`.
+pub async fn serve(config: Config, config_path: Option<PathBuf>) -> Result<(), BoxError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let gateway = Gateway::start(config).await?;
+    println!(
+        "campaign-gate listening on http://{} (admin http://{})",
+        gateway.addr, gateway.admin_addr
+    );
+    tracing::info!(addr = %gateway.addr, admin = %gateway.admin_addr, "listening");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                match Config::load(config_path.as_deref(), std::env::vars()) {
+                    Ok(cfg) => match gateway.reload(cfg) {
+                        Ok(()) => tracing::info!("config reloaded"),
+                        Err(e) => tracing::error!(error = %e, "reload refused; keeping the old config"),
+                    },
+                    Err(e) => tracing::error!(error = %e.to_string().replace('\n', "; "), "reload refused; keeping the old config"),
+                }
+            }
+        }
+    }
+    tracing::info!("shutting down");
+    gateway.shutdown().await;
     Ok(())
+}
+
+fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+    let s = &config.server;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(s.header_read_timeout)
+        .max_buf_size(s.max_header_bytes.max(8192))
+        .max_headers(s.max_headers)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(s.h2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(20)
+        .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    builder
+}
+
+async fn accept_loop(listener: TcpListener, gate: Arc<Gate>, mut shutdown: watch::Receiver<bool>) {
+    let (builder, limit, grace) = {
+        let policy = gate.policy.load();
+        (
+            connection_builder(&policy.config),
+            Arc::new(Semaphore::new(policy.config.server.max_connections)),
+            policy.config.server.shutdown_grace,
+        )
+    };
+    let graceful = GracefulShutdown::new();
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn_gate = gate.clone();
+        let svc = service_fn(move |req| handle(conn_gate.clone(), peer, req));
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        let metrics = gate.metrics.clone();
+        tokio::spawn(async move {
+            metrics
+                .open_connections
+                .set(metrics.open_connections.get() + 1);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+            metrics
+                .open_connections
+                .set(metrics.open_connections.get().saturating_sub(1));
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace elapsed with connections still open");
+    }
+}
+
+/// Applies store changes to the cache: for the `file:` store, polls the file.
+async fn watch_store(
+    gate: Arc<Gate>,
+    store: Store,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    gate.ready.store(true, Ordering::Release);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        match &store {
+            Store::File(file) => match file.reload_if_changed() {
+                Ok(true) => gate.auth.flush_all("store file changed"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "store file reload failed; keeping the last good copy")
+                }
+            },
+        }
+        gate.metrics.cache_entries.set(gate.auth.entry_count());
+    }
+}
+
+/// One request, start to finish: decide, then forward or refuse.
+async fn handle(
+    gate: Arc<Gate>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<GateBody>, Infallible> {
+    let started = Instant::now();
+    let policy = gate.policy.load();
+    let (head, body) = req.into_parts();
+    let request_id = headers::request_id(&head.headers);
+    let max_body = policy.config.server.max_body_bytes;
+
+    let admitted = match content_length(&head.headers) {
+        Err(()) => Err(Refusal::BadRequest.into()),
+        Ok(Some(n)) if n > max_body => Err(Refusal::PayloadTooLarge.into()),
+        Ok(_) => pipeline::admit(&head, &policy, &gate.auth).await,
+    };
+    let admission = match admitted {
+        Ok(a) => a,
+        Err(rejection) => {
+            let refusal = rejection.refusal;
+            let resp = refusal.response(&request_id, policy.config.compat.campaign_statuses);
+            let principal = rejection.principal.as_deref();
+            log_request(
+                &head,
+                &request_id,
+                None,
+                principal.map(|p| &*p.user_id),
+                principal.and_then(|p| p.key_id_header.to_str().ok()),
+                resp.status().as_u16(),
+                started,
+            );
+            gate.metrics
+                .request(outcome_of(refusal), resp.status().as_u16());
+            gate.metrics.request_seconds.observe(started.elapsed());
+            return Ok(resp);
+        }
+    };
+    let api = admission.api;
+    let principal = admission.principal;
+    let path_and_query = match admission.path {
+        std::borrow::Cow::Borrowed(_) => head.uri.path_and_query().cloned(),
+        std::borrow::Cow::Owned(p) => {
+            let pq = match head.uri.query() {
+                Some(q) => format!("{p}?{q}"),
+                None => p,
+            };
+            PathAndQuery::try_from(pq).ok()
+        }
+    };
+    let api_name = policy.routes.api_name(api);
+    let method = head.method.clone();
+
+    let result = match path_and_query.map(|pq| gate.forwarder.upstream_uri(pq)) {
+        Some(Ok(uri)) => {
+            let mut head = head;
+            let client_authority = head.uri.authority().cloned();
+            let h = &mut head.headers;
+            headers::strip_hop_by_hop(h);
+            headers::strip_untrusted(h, &policy.identity.prefix);
+            if !policy.config.upstream.forward_authorization {
+                h.remove(AUTHORIZATION);
+            }
+            if let Some(host) = &policy.config.upstream.host {
+                if let Ok(v) = HeaderValue::from_str(host) {
+                    h.insert(HOST, v);
+                }
+            } else if !h.contains_key(HOST)
+                && let Some(a) =
+                    client_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                h.insert(HOST, a);
+            }
+            let trusted = policy
+                .config
+                .server
+                .trusted_proxies
+                .iter()
+                .any(|net| net.contains(&peer.ip()));
+            headers::set_forwarded(h, peer.ip(), trusted, "http");
+            h.insert(X_REQUEST_ID, request_id.clone());
+            h.insert(
+                policy.identity.user_id.clone(),
+                principal.user_id_header.clone(),
+            );
+            h.insert(
+                policy.identity.tenant.clone(),
+                principal.tenant_header.clone(),
+            );
+            h.insert(policy.identity.api.clone(), policy.api_header(api));
+            h.insert(
+                policy.identity.key_id.clone(),
+                principal.key_id_header.clone(),
+            );
+            head.uri = uri;
+            let upstream_req = Request::from_parts(head, LimitedBody::new(body, max_body));
+            let sent = Instant::now();
+            let r = gate.forwarder.send(upstream_req).await;
+            gate.metrics.upstream_seconds.observe(sent.elapsed());
+            r
+        }
+        _ => Err(Refusal::Internal),
+    };
+
+    let (resp, outcome) = match result {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            headers::strip_hop_by_hop(&mut parts.headers);
+            parts.headers.insert(X_REQUEST_ID, request_id.clone());
+            (Response::from_parts(parts, GateBody::Upstream(body)), 0)
+        }
+        Err(refusal) => (
+            refusal.response(&request_id, policy.config.compat.campaign_statuses),
+            outcome_of(refusal),
+        ),
+    };
+    let status = resp.status().as_u16();
+    if tracing::enabled!(tracing::Level::INFO) {
+        tracing::info!(
+            request_id = request_id.to_str().unwrap_or(""),
+            method = method.as_str(),
+            api = api_name,
+            user = &*principal.user_id,
+            key_id = principal.key_id_header.to_str().unwrap_or(""),
+            status,
+            latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            "request"
+        );
+    }
+    gate.metrics.request(outcome, status);
+    gate.metrics.request_seconds.observe(started.elapsed());
+    Ok(resp)
+}
+
+fn log_request(
+    head: &http::request::Parts,
+    request_id: &HeaderValue,
+    api: Option<&str>,
+    user: Option<&str>,
+    key_id: Option<&str>,
+    status: u16,
+    started: Instant,
+) {
+    tracing::info!(
+        request_id = request_id.to_str().unwrap_or(""),
+        method = head.method.as_str(),
+        api = api.unwrap_or("-"),
+        user = user.unwrap_or("-"),
+        key_id = key_id.unwrap_or("-"),
+        status,
+        latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        "request"
+    );
+}
+
+/// The declared body length: `Err` for a malformed or conflicting `Content-Length`.
+fn content_length(h: &http::HeaderMap) -> Result<Option<u64>, ()> {
+    let mut result = None;
+    for v in h.get_all(CONTENT_LENGTH) {
+        let s = v.to_str().map_err(|_| ())?;
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(());
+        }
+        let n: u64 = s.parse().map_err(|_| ())?;
+        if result.is_some_and(|r| r != n) {
+            return Err(());
+        }
+        result = Some(n);
+    }
+    Ok(result)
+}
+
+/// Index into [`crate::telemetry::OUTCOMES`].
+fn outcome_of(r: Refusal) -> usize {
+    match r {
+        Refusal::MissingCredentials
+        | Refusal::InvalidToken
+        | Refusal::ApiAccessDenied
+        | Refusal::ApiNotGranted
+        | Refusal::TooManyRequests { .. } => 2,
+        Refusal::AuthUnavailable { .. } => 3,
+        Refusal::UpstreamUnavailable | Refusal::UpstreamTimeout => 4,
+        Refusal::Internal => 5,
+        _ => 1,
+    }
 }

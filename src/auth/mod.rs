@@ -1,3 +1,6 @@
 //! Authentication: bearer parsing, token hashing, principals, and the cache over the store.
 
 pub mod bearer;
+pub mod cache;
+
+pub use cache::{AuthFailure, Authenticator, Principal, now_ms};

@@ -1,0 +1,283 @@
+//! Telemetry: log setup and the process metrics, rendered in Prometheus text format.
+//!
+//! Metrics are plain atomics (no registry, no lock): the request path only increments.
+
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// A monotonically increasing counter.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A gauge that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+    5.0,
+];
+
+/// A fixed-bucket latency histogram.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|&b| secs <= b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
+/// Outcome classes of data-plane requests.
+pub const OUTCOMES: [&str; 6] = [
+    "forwarded",
+    "refused_client",
+    "refused_auth",
+    "store_unavailable",
+    "upstream_error",
+    "internal_error",
+];
+
+/// Every metric of the process.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Requests by outcome (index into [`OUTCOMES`]) and status class (1xx..5xx).
+    pub requests: [[Counter; 5]; OUTCOMES.len()],
+    pub request_seconds: Histogram,
+    pub upstream_seconds: Histogram,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub cache_entries: Gauge,
+    pub stale_served: Counter,
+    pub store_lookups: Counter,
+    pub store_lookup_seconds: Histogram,
+    pub store_errors: Counter,
+    pub invalidations: Counter,
+    pub subscriber_reconnects: Counter,
+    pub subscriber_connected: Gauge,
+    pub token_exchanges: Counter,
+    pub open_connections: Gauge,
+    flushes: Mutex<Vec<(&'static str, u64)>>,
+}
+
+impl Metrics {
+    pub fn request(&self, outcome: usize, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        if let Some(row) = self.requests.get(outcome) {
+            row[class].inc();
+        }
+    }
+
+    /// Counts a full cache flush and its reason (rare: a mutex is fine here).
+    pub fn flush(&self, reason: &'static str) {
+        if let Ok(mut f) = self.flushes.lock() {
+            match f.iter_mut().find(|(r, _)| *r == reason) {
+                Some((_, n)) => *n += 1,
+                None => f.push((reason, 1)),
+            }
+        }
+    }
+
+    pub fn flushes(&self, reason: &str) -> u64 {
+        self.flushes
+            .lock()
+            .ok()
+            .and_then(|f| f.iter().find(|(r, _)| *r == reason).map(|(_, n)| *n))
+            .unwrap_or(0)
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        out.push_str("# HELP campaign_gate_requests_total Data-plane requests by outcome and status class.\n# TYPE campaign_gate_requests_total counter\n");
+        for (i, outcome) in OUTCOMES.iter().enumerate() {
+            for (c, counter) in self.requests[i].iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "campaign_gate_requests_total{{outcome=\"{outcome}\",class=\"{}xx\"}} {}",
+                    c + 1,
+                    counter.get()
+                );
+            }
+        }
+        self.request_seconds.render(
+            &mut out,
+            "campaign_gate_request_duration_seconds",
+            "Time from request head to response head.",
+        );
+        self.upstream_seconds.render(
+            &mut out,
+            "campaign_gate_upstream_duration_seconds",
+            "Time the backend took to answer with a response head.",
+        );
+        self.store_lookup_seconds.render(
+            &mut out,
+            "campaign_gate_store_lookup_duration_seconds",
+            "Store lookups on cache misses.",
+        );
+        let counters: [(&str, &str, &Counter); 10] = [
+            (
+                "campaign_gate_cache_hits_total",
+                "Auth cache hits.",
+                &self.cache_hits,
+            ),
+            (
+                "campaign_gate_cache_misses_total",
+                "Auth cache misses.",
+                &self.cache_misses,
+            ),
+            (
+                "campaign_gate_cache_stale_served_total",
+                "Answers served from the stale copy while the store was unreachable.",
+                &self.stale_served,
+            ),
+            (
+                "campaign_gate_store_lookups_total",
+                "Store lookups.",
+                &self.store_lookups,
+            ),
+            (
+                "campaign_gate_store_errors_total",
+                "Store lookups that failed or timed out.",
+                &self.store_errors,
+            ),
+            (
+                "campaign_gate_invalidations_total",
+                "Invalidations applied to the auth cache.",
+                &self.invalidations,
+            ),
+            (
+                "campaign_gate_subscriber_reconnects_total",
+                "Reconnects of the invalidation subscriber.",
+                &self.subscriber_reconnects,
+            ),
+            (
+                "campaign_gate_token_exchanges_total",
+                "Deprecated access-token exchanges.",
+                &self.token_exchanges,
+            ),
+            (
+                "campaign_gate_cache_flushes_total",
+                "Full auth-cache flushes (all reasons).",
+                &Counter(AtomicU64::new(self.total_flushes())),
+            ),
+            (
+                "campaign_gate_build_info",
+                "Always 1.",
+                &Counter(AtomicU64::new(1)),
+            ),
+        ];
+        for (name, help, c) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                c.get()
+            );
+        }
+        out.push_str("# HELP campaign_gate_cache_flushes_by_reason_total Full auth-cache flushes by reason.\n# TYPE campaign_gate_cache_flushes_by_reason_total counter\n");
+        if let Ok(f) = self.flushes.lock() {
+            for (reason, n) in f.iter() {
+                let _ = writeln!(
+                    out,
+                    "campaign_gate_cache_flushes_by_reason_total{{reason=\"{reason}\"}} {n}"
+                );
+            }
+        }
+        let gauges: [(&str, &str, &Gauge); 3] = [
+            (
+                "campaign_gate_cache_entries",
+                "Entries in the auth cache.",
+                &self.cache_entries,
+            ),
+            (
+                "campaign_gate_subscriber_connected",
+                "1 while the invalidation subscriber is connected.",
+                &self.subscriber_connected,
+            ),
+            (
+                "campaign_gate_open_connections",
+                "Open downstream connections.",
+                &self.open_connections,
+            ),
+        ];
+        for (name, help, g) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
+                g.get()
+            );
+        }
+        out
+    }
+
+    fn total_flushes(&self) -> u64 {
+        self.flushes
+            .lock()
+            .map(|f| f.iter().map(|(_, n)| n).sum())
+            .unwrap_or(0)
+    }
+}
+
+/// Installs the global log subscriber: human-readable by default, JSON when
+/// `CAMPAIGN_GATE_LOG_FORMAT=json`; the filter comes from `CAMPAIGN_GATE_LOG`
+/// (default `info`). Logs go to stderr.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAMPAIGN_GATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = std::env::var("CAMPAIGN_GATE_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}
