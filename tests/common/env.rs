@@ -81,9 +81,7 @@ impl TestEnvBuilder {
         let store_path = dir.path().join("store.json");
         let config_path = dir.path().join("campaign-gate.toml");
         let store_url = format!("file:{}", store_path.display());
-        let config_text = self
-            .set("store", "url", &toml_string(&store_url))
-            .render();
+        let config_text = self.set("store", "url", &toml_string(&store_url)).render();
         std::fs::write(&config_path, &config_text).expect("write config file");
         TestEnv {
             dir,
@@ -203,6 +201,24 @@ impl TestEnv {
         self.command(args).output().expect("run campaign-gate")
     }
 
+    /// Runs the CLI with `input` on its standard input (e.g. `keys import`).
+    pub fn cli_with_stdin(&self, args: &[&str], input: &str) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn campaign-gate");
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        stdin
+            .write_all(input.as_bytes())
+            .expect("write to campaign-gate's stdin");
+        drop(stdin);
+        child.wait_with_output().expect("wait for campaign-gate")
+    }
+
     /// Runs the CLI and returns its stdout; panics with everything it printed unless it
     /// exited 0.
     #[track_caller]
@@ -222,8 +238,9 @@ impl TestEnv {
         let mut args = args.to_vec();
         args.push("--json");
         let stdout = self.cli_ok(&args);
-        serde_json::from_str(&stdout)
-            .unwrap_or_else(|e| panic!("campaign-gate {args:?}: stdout is not JSON ({e}): {stdout}"))
+        serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!("campaign-gate {args:?}: stdout is not JSON ({e}): {stdout}")
+        })
     }
 
     /// Runs the CLI and asserts it refused: exit 1, one line on stderr. Returns that line.
@@ -308,7 +325,9 @@ impl TestEnv {
 
 /// `campaign-gate listening on http://ADDR (admin http://ADDR)`.
 pub fn parse_ready_line(line: &str) -> Option<(SocketAddr, SocketAddr)> {
-    let rest = line.trim().strip_prefix("campaign-gate listening on http://")?;
+    let rest = line
+        .trim()
+        .strip_prefix("campaign-gate listening on http://")?;
     let (addr, rest) = rest.split_once(' ')?;
     let admin = rest.strip_prefix("(admin http://")?.strip_suffix(')')?;
     Some((addr.parse().ok()?, admin.parse().ok()?))

@@ -102,13 +102,15 @@ pub const UPSTREAM_TIMEOUT: Refusal = Refusal {
 /// the failure message.
 #[track_caller]
 pub fn assert_refusal(resp: &Resp, expected: Refusal, case: &str) {
-    let shown = || format!("{case}: got {} {:?} {}", resp.status, resp.headers, resp.text());
-    assert_eq!(
-        resp.status.as_u16(),
-        expected.status,
-        "status; {}",
-        shown()
-    );
+    let shown = || {
+        format!(
+            "{case}: got {} {:?} {}",
+            resp.status,
+            resp.headers,
+            resp.text()
+        )
+    };
+    assert_eq!(resp.status.as_u16(), expected.status, "status; {}", shown());
     let content_type = resp.header("content-type").unwrap_or_default();
     let media_type = content_type.split(';').next().unwrap_or_default().trim();
     assert!(
