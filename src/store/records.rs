@@ -147,10 +147,10 @@ impl UserRecords {
         key.slot = None;
         key.expires_ms = Some(deadline);
         let deleted = key.clone();
-        if slot == 1 {
-            if let Some(second) = self.keys.iter_mut().find(|k| k.slot == Some(2)) {
-                second.slot = Some(1);
-            }
+        if slot == 1
+            && let Some(second) = self.keys.iter_mut().find(|k| k.slot == Some(2))
+        {
+            second.slot = Some(1);
         }
         // A key revoked now is dead already: keep nothing of it.
         self.prune(now_ms);
