@@ -77,12 +77,41 @@ impl Rng {
     }
 }
 
+/// Users added to the store before the kills, so that a write takes long enough
+/// (about a megabyte of JSON) for a kill to land inside it, not only around it.
+const FILLER_USERS: usize = 3000;
+
+/// Copies user `model` (without its keys) as `filler0`.. in the store file, in one
+/// edit: the CLI would rewrite the whole file once per user.
+fn pad_store(env: &TestEnv, model: &str, n: usize) {
+    env.edit_store(|json| {
+        let users = json["users"]
+            .as_object_mut()
+            .expect("the store file keeps users in a \"users\" map");
+        let mut template = users[model].clone();
+        template["keys"] = serde_json::json!([]);
+        for i in 0..n {
+            let id = format!("filler{i}");
+            let mut user = template.clone();
+            user["id"] = id.clone().into();
+            users.insert(id, user);
+        }
+    });
+    let listed = env.cli_json(&["users", "list"]);
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(n + 1),
+        "padded store reads back"
+    );
+}
+
 #[test]
 fn writers_killed_mid_write_never_corrupt_the_store() {
     let env = TestEnv::builder().build();
     env.cli_ok(&[
         "users", "create", "anchor", "--type", "api", "--grant", "events",
     ]);
+    pad_store(&env, "anchor", FILLER_USERS);
     let seed = std::env::var("KILL_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -134,10 +163,13 @@ fn writers_killed_mid_write_never_corrupt_the_store() {
         if env.store_path().exists() {
             let text = std::fs::read(env.store_path()).expect("read store file");
             if let Err(e) = serde_json::from_slice::<serde_json::Value>(&text) {
+                let tail = &text[text.len().saturating_sub(300)..];
                 panic!(
-                    "store file corrupt after killing `{}` after {delay:?} (KILL_SEED={seed}): {e}\n{}",
+                    "store file corrupt after killing `{}` after {delay:?} (KILL_SEED={seed}): \
+                     {e}; {} bytes, ending in:\n{}",
                     args.join(" "),
-                    String::from_utf8_lossy(&text)
+                    text.len(),
+                    String::from_utf8_lossy(tail)
                 );
             }
         }
@@ -160,6 +192,7 @@ fn writers_killed_mid_write_never_corrupt_the_store() {
         .iter()
         .filter_map(|u| u["id"].as_str())
         .collect();
+    assert!(ids.len() > FILLER_USERS, "users lost: {} left", ids.len());
     for id in ["anchor", "calibrate", "after-the-kills"] {
         assert!(ids.contains(&id), "user {id} lost: {ids:?}");
     }
