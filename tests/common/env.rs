@@ -165,6 +165,11 @@ impl TestEnv {
         &self.store_path
     }
 
+    /// Where [`TestEnv::spawn_serve`] writes the server's log.
+    pub fn serve_log_path(&self) -> PathBuf {
+        self.dir().join("serve.log")
+    }
+
     pub fn config_text(&self) -> &str {
         &self.config_text
     }
@@ -288,11 +293,13 @@ impl TestEnv {
     }
 
     /// Starts `campaign-gate serve` as a child process and waits for its ready line.
+    /// Its log (stderr) goes to [`TestEnv::serve_log_path`].
     pub fn spawn_serve(&self) -> ServeProcess {
+        let log = std::fs::File::create(self.serve_log_path()).expect("create serve log");
         let mut child = self
             .command(&["serve"])
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .spawn()
             .expect("spawn campaign-gate serve");
         let stdout = child.stdout.take().expect("piped stdout");
@@ -308,12 +315,14 @@ impl TestEnv {
             Ok(line) => line,
             Err(_) => {
                 let _ = child.kill();
-                panic!("campaign-gate serve printed no ready line within 20 s");
+                let log = std::fs::read_to_string(self.serve_log_path()).unwrap_or_default();
+                panic!("campaign-gate serve printed no ready line within 20 s; log:\n{log}");
             }
         };
         let (addr, admin_addr) = parse_ready_line(&line).unwrap_or_else(|| {
             let _ = child.kill();
-            panic!("unexpected ready line from campaign-gate serve: {line:?}")
+            let log = std::fs::read_to_string(self.serve_log_path()).unwrap_or_default();
+            panic!("unexpected ready line from campaign-gate serve: {line:?}; log:\n{log}")
         });
         ServeProcess {
             child,
