@@ -42,11 +42,13 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     pub request_timeout: Duration,
     pub idle_timeout: Duration,
+    pub body_read_timeout: Duration,
     pub max_body_bytes: u64,
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub max_uri_bytes: usize,
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
     pub h2_max_concurrent_streams: u32,
     pub trusted_proxies: Vec<IpNet>,
     pub shutdown_grace: Duration,
@@ -84,6 +86,9 @@ pub struct AuthConfig {
     pub stale_if_error: Duration,
     pub invalidation_check_interval: Duration,
     pub cache_capacity: u64,
+    /// Failed authentications per client address per `failure_window` before 429; 0 = off.
+    pub failure_limit: u32,
+    pub failure_window: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -158,11 +163,13 @@ const SCHEMA: &[(&str, &str, Kind, Option<&str>)] = &[
     ("server", "header_read_timeout", Kind::Duration, Some("10s")),
     ("server", "request_timeout", Kind::Duration, Some("60s")),
     ("server", "idle_timeout", Kind::Duration, Some("60s")),
+    ("server", "body_read_timeout", Kind::Duration, Some("30s")),
     ("server", "max_body_bytes", Kind::Uint, Some("10485760")),
     ("server", "max_header_bytes", Kind::Uint, Some("65536")),
     ("server", "max_headers", Kind::Uint, Some("100")),
     ("server", "max_uri_bytes", Kind::Uint, Some("8192")),
     ("server", "max_connections", Kind::Uint, Some("10000")),
+    ("server", "max_connections_per_ip", Kind::Uint, Some("1000")),
     (
         "server",
         "h2_max_concurrent_streams",
@@ -213,6 +220,8 @@ const SCHEMA: &[(&str, &str, Kind, Option<&str>)] = &[
         Some("1s"),
     ),
     ("auth", "cache_capacity", Kind::Uint, Some("1000000")),
+    ("auth", "failure_limit", Kind::Uint, Some("100")),
+    ("auth", "failure_window", Kind::Duration, Some("60s")),
     ("routes", "case_insensitive", Kind::Bool, Some("false")),
     ("compat", "campaign_statuses", Kind::Bool, Some("false")),
     ("tokens", "enabled", Kind::Bool, Some("true")),
@@ -620,11 +629,13 @@ fn build(
         header_read_timeout: dur("server", "header_read_timeout"),
         request_timeout: dur("server", "request_timeout"),
         idle_timeout: dur("server", "idle_timeout"),
+        body_read_timeout: dur("server", "body_read_timeout"),
         max_body_bytes: uint("server", "max_body_bytes"),
         max_header_bytes: usize_of("server", "max_header_bytes", errors),
         max_headers: usize_of("server", "max_headers", errors),
         max_uri_bytes: usize_of("server", "max_uri_bytes", errors),
         max_connections: usize_of("server", "max_connections", errors),
+        max_connections_per_ip: usize_of("server", "max_connections_per_ip", errors),
         h2_max_concurrent_streams: u32::try_from(h2_streams).unwrap_or(u32::MAX),
         trusted_proxies: match get("server", "trusted_proxies") {
             Some(Typed::Cidrs(v)) => v.clone(),
@@ -636,6 +647,7 @@ fn build(
         ("server.header_read_timeout", server.header_read_timeout),
         ("server.request_timeout", server.request_timeout),
         ("server.idle_timeout", server.idle_timeout),
+        ("server.body_read_timeout", server.body_read_timeout),
     ] {
         if d.is_zero() {
             errors.push(err(key, "must be greater than 0"));
@@ -652,6 +664,8 @@ fn build(
         stale_if_error: dur("auth", "stale_if_error"),
         invalidation_check_interval: dur("auth", "invalidation_check_interval"),
         cache_capacity: positive("auth", "cache_capacity", errors),
+        failure_limit: u32::try_from(uint("auth", "failure_limit")).unwrap_or(u32::MAX),
+        failure_window: dur("auth", "failure_window"),
     };
     if auth.cache_ttl.is_zero() {
         errors.push(err("auth.cache_ttl", "must be greater than 0"));

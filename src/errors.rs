@@ -33,6 +33,8 @@ pub enum Refusal {
     BadRequest,
     /// Request target longer than the limit.
     UriTooLong,
+    /// The client stopped sending its body.
+    RequestTimeout,
     /// Request header block larger than the limit.
     HeadersTooLarge,
     /// Too many failed authentications or token requests.
@@ -139,6 +141,13 @@ impl Refusal {
                 "Request target too long",
                 None,
             ),
+            Refusal::RequestTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                408,
+                "The request body did not arrive in time",
+                None,
+            ),
             Refusal::HeadersTooLarge => (
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "headers_too_large",
@@ -218,6 +227,7 @@ impl Refusal {
         matches!(
             self,
             Refusal::BadRequest
+                | Refusal::RequestTimeout
                 | Refusal::UriTooLong
                 | Refusal::HeadersTooLarge
                 | Refusal::PayloadTooLarge

@@ -2,6 +2,7 @@
 //! stream through the gateway, and the mapping of backend failures to refusals.
 
 use std::error::Error as StdError;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -71,20 +72,28 @@ pub enum RequestBodyError {
     TooLarge,
     #[error("reading the request body: {0}")]
     Client(#[source] hyper::Error),
+    #[error("the client sent no body data within the body read timeout")]
+    Timeout,
 }
 
 /// The client's request body on its way to the backend, cut off with an error as soon
-/// as it exceeds the limit (whether or not a `Content-Length` announced it).
+/// as it exceeds the limit (whether or not a `Content-Length` announced it), or when the
+/// client sends nothing for `idle` while the backend waits for more.
 pub struct LimitedBody {
     inner: Incoming,
     remaining: u64,
+    idle: Duration,
+    /// Armed when the body first has to wait, re-armed on every frame.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl LimitedBody {
-    pub fn new(inner: Incoming, limit: u64) -> LimitedBody {
+    pub fn new(inner: Incoming, limit: u64, idle: Duration) -> LimitedBody {
         LimitedBody {
             inner,
             remaining: limit,
+            idle,
+            timer: None,
         }
     }
 }
@@ -100,6 +109,10 @@ impl Body for LimitedBody {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some(t) = this.timer.as_mut() {
+                    let deadline = tokio::time::Instant::now() + this.idle;
+                    t.as_mut().reset(deadline);
+                }
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
                     if len > this.remaining {
@@ -112,7 +125,16 @@ impl Body for LimitedBody {
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(RequestBodyError::Client(e)))),
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                let idle = this.idle;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(RequestBodyError::Timeout))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 
@@ -188,6 +210,7 @@ fn classify(e: &hyper_util::client::legacy::Error) -> Refusal {
         match s.downcast_ref::<RequestBodyError>() {
             Some(RequestBodyError::TooLarge) => return Refusal::PayloadTooLarge,
             Some(RequestBodyError::Client(_)) => return Refusal::BadRequest,
+            Some(RequestBodyError::Timeout) => return Refusal::RequestTimeout,
             None => {}
         }
         if let Some(io) = s.downcast_ref::<std::io::Error>()

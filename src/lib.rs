@@ -16,6 +16,7 @@ pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod connection;
 pub mod errors;
 pub mod forward;
 pub mod headers;

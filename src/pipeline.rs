@@ -2,10 +2,12 @@
 //! the request head and the current policy; it never touches the body or the backend.
 
 use std::borrow::Cow;
+use std::net::IpAddr;
 use std::sync::Arc;
 
-use http::header::AUTHORIZATION;
-use http::{HeaderValue, Method, request};
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::uri::Authority;
+use http::{HeaderValue, Method, Version, request};
 
 use crate::auth::bearer::parse_bearer;
 use crate::auth::{AuthFailure, Authenticator, Principal, now_ms};
@@ -86,8 +88,9 @@ impl From<Refusal> for Rejection {
     }
 }
 
-/// Checks that cost nothing and need no credentials: method and path.
+/// Checks that cost nothing and need no credentials: framing, method and path.
 pub fn sanity<'a>(head: &'a request::Parts, policy: &Policy) -> Result<Cow<'a, str>, Refusal> {
+    framing(head, &policy.config.server)?;
     if !method_is_upper_token(&head.method) {
         return Err(Refusal::BadRequest);
     }
@@ -95,6 +98,76 @@ pub fn sanity<'a>(head: &'a request::Parts, policy: &Policy) -> Result<Cow<'a, s
         return Err(Refusal::MethodNotAllowed);
     }
     canonicalize(head.uri.path()).map_err(|_| Refusal::InvalidPath)
+}
+
+/// Request framing and target checks beyond what hyper enforces. hyper already refuses
+/// a `Transfer-Encoding` whose last coding is not `chunked`, differing `Content-Length`s
+/// and `Transfer-Encoding` on HTTP/1.0; when both `Transfer-Encoding` and
+/// `Content-Length` arrive it drops the length, reads the body as chunked and closes the
+/// connection after the response. What is left to us:
+/// - `Transfer-Encoding` must be exactly one `chunked` (no `chunked, chunked`, no
+///   `gzip, chunked`, no second header line);
+/// - `Content-Length` must be plain digits, and at most the body limit (413);
+/// - exactly one well-formed `Host` on HTTP/1.1 (none needed on HTTP/1.0 and HTTP/2),
+///   equal to the authority of an absolute-form target or `:authority`;
+/// - the target no longer than `max_uri_bytes` (414).
+pub fn framing(head: &request::Parts, limits: &crate::config::ServerConfig) -> Result<(), Refusal> {
+    let uri_len = head.uri.path_and_query().map_or(0, |pq| pq.as_str().len())
+        + head.uri.authority().map_or(0, |a| a.as_str().len());
+    if uri_len > limits.max_uri_bytes {
+        return Err(Refusal::UriTooLong);
+    }
+    let h = &head.headers;
+    let mut te = h.get_all(TRANSFER_ENCODING).iter();
+    if let Some(first) = te.next()
+        && (te.next().is_some() || !first.as_bytes().eq_ignore_ascii_case(b"chunked"))
+    {
+        return Err(Refusal::BadRequest);
+    }
+    if let Some(len) = content_length(h)?
+        && len > limits.max_body_bytes
+    {
+        return Err(Refusal::PayloadTooLarge);
+    }
+    let mut hosts = h.get_all(HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(Refusal::BadRequest);
+    }
+    match host {
+        None if head.version == Version::HTTP_11 => return Err(Refusal::BadRequest),
+        None => {}
+        Some(value) => {
+            let host = Authority::try_from(value.as_bytes()).map_err(|_| Refusal::BadRequest)?;
+            if host.as_str().contains('@') || host.host().is_empty() {
+                return Err(Refusal::BadRequest);
+            }
+            if let Some(target) = head.uri.authority()
+                && !target.as_str().eq_ignore_ascii_case(host.as_str())
+            {
+                return Err(Refusal::BadRequest);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The declared body length. Several equal values count as one (hyper has already
+/// refused differing ones); anything but plain digits is refused.
+fn content_length(h: &http::HeaderMap) -> Result<Option<u64>, Refusal> {
+    let mut result = None;
+    for v in h.get_all(CONTENT_LENGTH) {
+        let b = v.as_bytes();
+        if b.is_empty() || b.len() > 19 || !b.iter().all(u8::is_ascii_digit) {
+            return Err(Refusal::BadRequest);
+        }
+        let n = b.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        if result.is_some_and(|r| r != n) {
+            return Err(Refusal::BadRequest);
+        }
+        result = Some(n);
+    }
+    Ok(result)
 }
 
 /// Extension methods must be upper-case tokens; a backend may treat `get` as `GET`.
@@ -127,17 +200,33 @@ fn query_has_token(query: &str) -> bool {
 }
 
 /// The whole decision for one request head.
+/// `client` is the address failed authentications are counted against.
 pub async fn admit<'a>(
     head: &'a request::Parts,
     policy: &Policy,
     auth: &Authenticator,
+    client: IpAddr,
 ) -> Result<Admission<'a>, Rejection> {
     let path = sanity(head, policy)?;
-    let token = credential(head)?;
+    let now = now_ms();
+    if let Some(retry_after_s) = auth.throttle.blocked(client, now) {
+        return Err(Refusal::TooManyRequests { retry_after_s }.into());
+    }
+    let token = match credential(head) {
+        Ok(t) => t,
+        Err(Refusal::InvalidToken) => {
+            auth.throttle.record_failure(client, now);
+            return Err(Refusal::InvalidToken.into());
+        }
+        Err(r) => return Err(r.into()),
+    };
     let hash = TokenHash::of(token);
     let principal = match auth.resolve(&hash, &policy.routes).await {
         Ok(p) => p,
-        Err(AuthFailure::Unknown) => return Err(Refusal::InvalidToken.into()),
+        Err(AuthFailure::Unknown) => {
+            auth.throttle.record_failure(client, now);
+            return Err(Refusal::InvalidToken.into());
+        }
         Err(AuthFailure::Unavailable) => {
             return Err(Refusal::AuthUnavailable { retry_after_s: 1 }.into());
         }

@@ -10,20 +10,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST};
+use http::header::{AUTHORIZATION, HOST};
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::connection::{self, ActivityIo, PerAddressLimit};
 use crate::errors::Refusal;
 use crate::forward::{Forwarder, GateBody, LimitedBody};
 use crate::headers::{self, X_REQUEST_ID};
@@ -180,15 +180,18 @@ fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
 }
 
 async fn accept_loop(listener: TcpListener, gate: Arc<Gate>, mut shutdown: watch::Receiver<bool>) {
-    let (builder, limit, grace) = {
+    let (builder, max, per_address, idle, grace) = {
         let policy = gate.policy.load();
+        let s = &policy.config.server;
         (
             connection_builder(&policy.config),
-            Arc::new(Semaphore::new(policy.config.server.max_connections)),
-            policy.config.server.shutdown_grace,
+            s.max_connections,
+            PerAddressLimit::new(s.max_connections_per_ip),
+            s.idle_timeout,
+            s.shutdown_grace,
         )
     };
-    let graceful = GracefulShutdown::new();
+    let limit = Arc::new(Semaphore::new(max));
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p {
@@ -209,29 +212,34 @@ async fn accept_loop(listener: TcpListener, gate: Arc<Gate>, mut shutdown: watch
             },
             _ = shutdown.changed() => break,
         };
+        let Some(slot) = per_address.acquire(peer.ip()) else {
+            gate.metrics.connections_refused.inc();
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
+        let (io, activity) = ActivityIo::new(stream);
         let conn_gate = gate.clone();
         let svc = service_fn(move |req| handle(conn_gate.clone(), peer, req));
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
         let metrics = gate.metrics.clone();
+        let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            metrics
-                .open_connections
-                .set(metrics.open_connections.get() + 1);
-            if let Err(e) = conn.await {
+            metrics.open_connections.add(1);
+            if let Err(e) =
+                connection::drive(conn, |c| c.graceful_shutdown(), activity, idle, shutdown).await
+            {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
-            metrics
-                .open_connections
-                .set(metrics.open_connections.get().saturating_sub(1));
+            metrics.open_connections.sub(1);
+            drop(slot);
             drop(permit);
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
+    // Every open connection holds a permit: all of them back means all drained.
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    if tokio::time::timeout(grace, limit.acquire_many(all))
         .await
         .is_err()
     {
@@ -279,15 +287,20 @@ async fn handle(
     let request_id = headers::request_id(&head.headers);
     let max_body = policy.config.server.max_body_bytes;
 
-    let admitted = match content_length(&head.headers) {
-        Err(()) => Err(Refusal::BadRequest.into()),
-        Ok(Some(n)) if n > max_body => Err(Refusal::PayloadTooLarge.into()),
-        Ok(_) => pipeline::admit(&head, &policy, &gate.auth).await,
+    let trusted_proxies = &policy.config.server.trusted_proxies;
+    let peer_trusted = trusted_proxies.iter().any(|net| net.contains(&peer.ip()));
+    let client = if peer_trusted {
+        headers::client_ip(&head.headers, peer.ip(), trusted_proxies)
+    } else {
+        peer.ip()
     };
-    let admission = match admitted {
+    let admission = match pipeline::admit(&head, &policy, &gate.auth, client).await {
         Ok(a) => a,
         Err(rejection) => {
             let refusal = rejection.refusal;
+            if let Refusal::TooManyRequests { .. } = refusal {
+                gate.metrics.auth_throttled.inc();
+            }
             let resp = refusal.response(&request_id, policy.config.compat.campaign_statuses);
             let principal = rejection.principal.as_deref();
             log_request(
@@ -340,13 +353,7 @@ async fn handle(
             {
                 h.insert(HOST, a);
             }
-            let trusted = policy
-                .config
-                .server
-                .trusted_proxies
-                .iter()
-                .any(|net| net.contains(&peer.ip()));
-            headers::set_forwarded(h, peer.ip(), trusted, "http");
+            headers::set_forwarded(h, peer.ip(), peer_trusted, "http");
             h.insert(X_REQUEST_ID, request_id.clone());
             h.insert(
                 policy.identity.user_id.clone(),
@@ -362,7 +369,10 @@ async fn handle(
                 principal.key_id_header.clone(),
             );
             head.uri = uri;
-            let upstream_req = Request::from_parts(head, LimitedBody::new(body, max_body));
+            let upstream_req = Request::from_parts(
+                head,
+                LimitedBody::new(body, max_body, policy.config.server.body_read_timeout),
+            );
             let sent = Instant::now();
             let r = gate.forwarder.send(upstream_req).await;
             gate.metrics.upstream_seconds.observe(sent.elapsed());
@@ -420,23 +430,6 @@ fn log_request(
         latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
         "request"
     );
-}
-
-/// The declared body length: `Err` for a malformed or conflicting `Content-Length`.
-fn content_length(h: &http::HeaderMap) -> Result<Option<u64>, ()> {
-    let mut result = None;
-    for v in h.get_all(CONTENT_LENGTH) {
-        let s = v.to_str().map_err(|_| ())?;
-        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(());
-        }
-        let n: u64 = s.parse().map_err(|_| ())?;
-        if result.is_some_and(|r| r != n) {
-            return Err(());
-        }
-        result = Some(n);
-    }
-    Ok(result)
 }
 
 /// Index into [`crate::telemetry::OUTCOMES`].

@@ -28,6 +28,12 @@ impl Gauge {
     pub fn set(&self, v: u64) {
         self.0.store(v, Ordering::Relaxed);
     }
+    pub fn add(&self, v: u64) {
+        self.0.fetch_add(v, Ordering::Relaxed);
+    }
+    pub fn sub(&self, v: u64) {
+        self.0.fetch_sub(v, Ordering::Relaxed);
+    }
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
@@ -103,6 +109,8 @@ pub struct Metrics {
     pub subscriber_connected: Gauge,
     pub token_exchanges: Counter,
     pub open_connections: Gauge,
+    pub connections_refused: Counter,
+    pub auth_throttled: Counter,
     flushes: Mutex<Vec<(&'static str, u64)>>,
 }
 
@@ -161,7 +169,17 @@ impl Metrics {
             "campaign_gate_store_lookup_duration_seconds",
             "Store lookups on cache misses.",
         );
-        let counters: [(&str, &str, &Counter); 10] = [
+        let counters: [(&str, &str, &Counter); 12] = [
+            (
+                "campaign_gate_connections_refused_total",
+                "Connections closed at accept: the client address held too many.",
+                &self.connections_refused,
+            ),
+            (
+                "campaign_gate_auth_throttled_total",
+                "Requests refused with 429 after too many failed authentications.",
+                &self.auth_throttled,
+            ),
             (
                 "campaign_gate_cache_hits_total",
                 "Auth cache hits.",

@@ -19,6 +19,7 @@ use http::HeaderValue;
 use moka::Expiry;
 use moka::future::Cache;
 
+use crate::auth::throttle::Throttle;
 use crate::config::AuthConfig;
 use crate::routes::{ApiSet, RouteTable};
 use crate::store::{Invalidation, Resolved, Store, StoreError, TokenHash, UserType};
@@ -123,6 +124,8 @@ pub struct Authenticator {
     store_timeout: Duration,
     generation: AtomicU64,
     metrics: Arc<Metrics>,
+    /// Failed-authentication throttling per client address.
+    pub throttle: Throttle,
 }
 
 impl Authenticator {
@@ -152,6 +155,7 @@ impl Authenticator {
             store_timeout,
             generation: AtomicU64::new(0),
             metrics,
+            throttle: Throttle::new(cfg.failure_limit, cfg.failure_window, 100_000),
         }
     }
 

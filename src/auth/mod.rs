@@ -2,5 +2,6 @@
 
 pub mod bearer;
 pub mod cache;
+pub mod throttle;
 
 pub use cache::{AuthFailure, Authenticator, Principal, now_ms};

@@ -1,0 +1,191 @@
+//! One downstream connection's lifetime: the per-address connection limit, the idle
+//! timeout, and the graceful close on shutdown. HTTP itself is hyper's.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
+
+/// Counts open connections per client address and refuses past the limit, so that one
+/// address cannot take every connection slot. Touched once per connection, never per
+/// request.
+#[derive(Debug)]
+pub struct PerAddressLimit {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// Holds one connection slot of an address; released on drop.
+pub struct AddressSlot {
+    limit: Arc<PerAddressLimit>,
+    ip: IpAddr,
+}
+
+impl PerAddressLimit {
+    pub fn new(max: usize) -> Arc<PerAddressLimit> {
+        Arc::new(PerAddressLimit {
+            max,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A slot for `ip`, or `None` when the address already holds `max` connections.
+    pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            limit: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .limit
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A stream that counts its reads and writes, so an idle connection can be told from
+/// a busy one without a clock read per I/O.
+pub struct ActivityIo<T> {
+    inner: T,
+    activity: Arc<AtomicU64>,
+}
+
+impl<T> ActivityIo<T> {
+    pub fn new(inner: T) -> (ActivityIo<T>, Arc<AtomicU64>) {
+        let activity = Arc::new(AtomicU64::new(0));
+        (
+            ActivityIo {
+                inner,
+                activity: activity.clone(),
+            },
+            activity,
+        )
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if r.is_ready() {
+            this.activity.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if r.is_ready() {
+            this.activity.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if r.is_ready() {
+            this.activity.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Drives a connection to its end. It is closed gracefully (in-flight requests finish,
+/// then the connection closes) when the process shuts down, or when no byte moved in
+/// either direction for `idle` (checked every quarter of it, so an idle connection
+/// closes after between 1x and 1.25x `idle`).
+/// `graceful` asks the connection to finish its in-flight requests and close.
+pub async fn drive<C, E>(
+    conn: C,
+    graceful: fn(Pin<&mut C>),
+    activity: Arc<AtomicU64>,
+    idle: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    let tick = (idle / 4).max(Duration::from_millis(10));
+    let mut last = activity.load(Ordering::Relaxed);
+    let mut quiet = Duration::ZERO;
+    let mut closing = *shutdown.borrow();
+    if closing {
+        graceful(conn.as_mut());
+    }
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            _ = shutdown.changed(), if !closing => {
+                closing = true;
+                graceful(conn.as_mut());
+            }
+            _ = tokio::time::sleep(tick), if !closing => {
+                let now = activity.load(Ordering::Relaxed);
+                if now == last {
+                    quiet += tick;
+                    if quiet >= idle {
+                        closing = true;
+                        graceful(conn.as_mut());
+                    }
+                } else {
+                    last = now;
+                    quiet = Duration::ZERO;
+                }
+            }
+        }
+    }
+}
