@@ -11,6 +11,9 @@ use common::{TestEnv, assert_refused, describe};
 
 const RACE_ROUNDS: usize = 20;
 
+/// Writers started and killed at a random moment of their run.
+const KILLS: usize = 40;
+
 #[test]
 fn racing_key_generations_end_with_two_keys_and_one_refusal() {
     let env = TestEnv::builder().build();
@@ -78,8 +81,8 @@ impl Rng {
 }
 
 /// Users added to the store before the kills, so that a write takes long enough
-/// (about a megabyte of JSON) for a kill to land inside it, not only around it.
-const FILLER_USERS: usize = 3000;
+/// (a few hundred KB of JSON) for a kill to land inside it, not only around it.
+const FILLER_USERS: usize = 1000;
 
 /// Copies user `model` (without its keys) as `filler0`.. in the store file, in one
 /// edit: the CLI would rewrite the whole file once per user.
@@ -132,7 +135,7 @@ fn writers_killed_mid_write_never_corrupt_the_store() {
     let span_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
 
     let mut killed = 0;
-    for i in 0..60 {
+    for i in 0..KILLS {
         let args: Vec<String> = match i % 3 {
             0 => vec!["users".into(), "create".into(), format!("victim{i}")]
                 .into_iter()
@@ -150,7 +153,9 @@ fn writers_killed_mid_write_never_corrupt_the_store() {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn writer");
-        let delay = Duration::from_micros(rng.below(span_us + span_us / 4));
+        // The write is the end of a run (after start-up and reading the store): aim
+        // most kills there, some past it.
+        let delay = Duration::from_micros(span_us / 3 + rng.below(span_us));
         std::thread::sleep(delay);
         // `Child::kill` is SIGKILL on Unix, sent to this child's pid only.
         if child.kill().is_ok() {
