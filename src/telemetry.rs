@@ -284,18 +284,23 @@ impl Metrics {
 
 /// Installs the global log subscriber: human-readable by default, JSON when
 /// `CAMPAIGN_GATE_LOG_FORMAT=json`; the filter comes from `CAMPAIGN_GATE_LOG`
-/// (default `info`). Logs go to stderr.
-pub fn init_logging() {
+/// (default `info`). Lines go to stderr from a writer thread, so a request never waits
+/// on the terminal or a pipe; under overload lines are dropped, not requests. Keep the
+/// returned guard alive: dropping it flushes what is buffered.
+pub fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CAMPAIGN_GATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let json = std::env::var("CAMPAIGN_GATE_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     let _ = if json {
         builder.json().flatten_event(true).try_init()
     } else {
         builder.try_init()
     };
+    guard
 }

@@ -146,6 +146,7 @@ fn report(outcome: Result<Done, Failure>) -> ExitCode {
 
 fn run(cli: Cli) -> Result<Done, Failure> {
     if let Command::Demo = cli.command {
+        let _log = crate::telemetry::init_logging();
         return multi_thread_runtime()?
             .block_on(demo::run())
             .map(|()| Done::ok(String::new()))
@@ -162,6 +163,7 @@ fn run(cli: Cli) -> Result<Done, Failure> {
         Command::Config(ConfigCommand::Check) => Ok(config_check(loaded, cli.json)),
         Command::Serve => {
             let config = loaded.map_err(Failure::Config)?;
+            let _log = crate::telemetry::init_logging();
             multi_thread_runtime()?
                 .block_on(crate::server::serve(config, config_path))
                 .map(|()| Done::ok(String::new()))
