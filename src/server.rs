@@ -74,7 +74,11 @@ impl Gateway {
         let runtime = config.server.runtime;
         let listeners = bind_listeners(
             config.server.listen,
-            if runtime == RuntimeLayout::PerCore { workers } else { 1 },
+            if runtime == RuntimeLayout::PerCore {
+                workers
+            } else {
+                1
+            },
         )
         .map_err(|e| format!("server.listen {}: {e}", config.server.listen))?;
         let admin_listener = TcpListener::bind(config.admin.listen)

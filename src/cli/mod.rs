@@ -166,8 +166,8 @@ fn run(cli: Cli) -> Result<Done, Failure> {
             let _log = crate::telemetry::init_logging();
             // Per-core workers run their own runtimes; this one only carries the admin
             // listener and the store's invalidation tasks.
-            let threads = (config.server.runtime == crate::config::RuntimeLayout::PerCore)
-                .then_some(1);
+            let threads =
+                (config.server.runtime == crate::config::RuntimeLayout::PerCore).then_some(1);
             multi_thread_runtime(threads)?
                 .block_on(crate::server::serve(config, config_path))
                 .map(|()| Done::ok(String::new()))
