@@ -2,7 +2,6 @@
 //! back. Pure functions over `HeaderMap`; the forwarder calls them in a fixed order.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue};
@@ -194,13 +193,18 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     new_request_id()
 }
 
-/// A new request id: 32 hex digits, a per-process random half and a counter half, so
-/// ids are unique across replicas without coordination.
+/// A new request id: 32 hex digits, a random half drawn once per thread and a
+/// per-thread counter half, so ids are unique across threads and replicas without
+/// coordination and without a shared counter on the request path.
 pub fn new_request_id() -> HeaderValue {
-    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let seed = *SEED.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    thread_local! {
+        static STATE: std::cell::Cell<(u64, u64)> = std::cell::Cell::new((uuid::Uuid::new_v4().as_u64_pair().0, 0));
+    }
+    let (seed, n) = STATE.with(|s| {
+        let (seed, n) = s.get();
+        s.set((seed, n.wrapping_add(1)));
+        (seed, n)
+    });
     let mut buf = [0u8; 32];
     write_hex(&mut buf[..16], seed);
     write_hex(&mut buf[16..], n);
