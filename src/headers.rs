@@ -108,8 +108,15 @@ pub fn strip_untrusted(headers: &mut HeaderMap, identity_prefix: &str) {
 
 /// Sets `X-Forwarded-For/-Proto/-Host`: replaced for an untrusted peer, appended to for
 /// a trusted proxy.
-pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted: bool, proto: &'static str) {
-    let peer_value = ip_header_value(peer);
+/// `peer` is the connection's peer address as a header value ([`ip_header_value`]),
+/// computed once per connection.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    peer: &HeaderValue,
+    trusted: bool,
+    proto: &'static str,
+) {
+    let peer_value = peer.clone();
     if trusted {
         let combined = {
             let existing: Vec<&[u8]> = headers
@@ -171,7 +178,8 @@ pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[ipnet::IpNet]) ->
     client
 }
 
-fn ip_header_value(ip: IpAddr) -> HeaderValue {
+/// An address as an `X-Forwarded-For` entry (IPv4-mapped IPv6 shown as IPv4).
+pub fn ip_header_value(ip: IpAddr) -> HeaderValue {
     let ip = match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
@@ -271,7 +279,7 @@ mod tests {
     fn forwarded_replaced_for_untrusted_appended_for_trusted() {
         let peer: IpAddr = "10.0.0.9".parse().expect("ip");
         let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("host", "api.example")]);
-        set_forwarded(&mut h, peer, false, "http");
+        set_forwarded(&mut h, &ip_header_value(peer), false, "http");
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.9");
         assert_eq!(h[&X_FORWARDED_HOST], "api.example");
 
@@ -279,7 +287,7 @@ mod tests {
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-for", "5.6.7.8"),
         ]);
-        set_forwarded(&mut h, peer, true, "http");
+        set_forwarded(&mut h, &ip_header_value(peer), true, "http");
         assert_eq!(h[&X_FORWARDED_FOR], "1.2.3.4, 5.6.7.8, 10.0.0.9");
     }
 

@@ -339,7 +339,9 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let (io, activity) = ActivityIo::new(stream);
         let conn_worker = worker.clone();
-        let svc = service_fn(move |req| handle(conn_worker.clone(), peer, req));
+        let peer_header = headers::ip_header_value(peer.ip());
+        let svc =
+            service_fn(move |req| handle(conn_worker.clone(), peer, peer_header.clone(), req));
         let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
         let metrics = gate.metrics.clone();
         let shutdown = shutdown.clone();
@@ -398,6 +400,7 @@ async fn watch_store(
 async fn handle(
     worker: Arc<Worker>,
     peer: SocketAddr,
+    peer_header: HeaderValue,
     req: Request<Incoming>,
 ) -> Result<Response<GateBody>, Infallible> {
     let started = Instant::now();
@@ -473,7 +476,7 @@ async fn handle(
             {
                 h.insert(HOST, a);
             }
-            headers::set_forwarded(h, peer.ip(), peer_trusted, "http");
+            headers::set_forwarded(h, &peer_header, peer_trusted, "http");
             h.insert(X_REQUEST_ID, request_id.clone());
             h.insert(
                 policy.identity.user_id.clone(),
