@@ -30,6 +30,7 @@ use crate::headers::{self, X_REQUEST_ID};
 use crate::pipeline::{self, Policy};
 use crate::store::Store;
 use crate::telemetry::Metrics;
+use crate::tokens;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -417,6 +418,13 @@ async fn handle(
     } else {
         peer.ip()
     };
+    if policy.config.tokens.enabled
+        && head.method == http::Method::POST
+        && crate::path::canonicalize(head.uri.path())
+            .is_ok_and(|p| tokens::is_token_request(&head, &p, &policy))
+    {
+        return Ok(token_exchange(gate, &policy, &head, client, &request_id, started).await);
+    }
     let admission = match pipeline::admit(&head, &policy, &gate.auth, client).await {
         Ok(a) => a,
         Err(rejection) => {
@@ -532,6 +540,43 @@ async fn handle(
     gate.metrics.request(outcome, status);
     gate.metrics.request_seconds.observe(started.elapsed());
     Ok(resp)
+}
+
+/// The deprecated token flow, with its own response headers and counter.
+async fn token_exchange(
+    gate: &Gate,
+    policy: &Policy,
+    head: &http::request::Parts,
+    client: std::net::IpAddr,
+    request_id: &HeaderValue,
+    started: Instant,
+) -> Response<GateBody> {
+    gate.metrics.token_exchanges.inc();
+    let outcome = match pipeline::framing(head, &policy.config.server) {
+        Err(r) => Err(r),
+        Ok(()) => tokens::exchange(head, policy, &gate.auth, client, request_id).await,
+    };
+    let (mut resp, outcome_index) = match outcome {
+        Ok(resp) => (resp, 0),
+        Err(refusal) => (
+            refusal.response(request_id, policy.config.compat.campaign_statuses),
+            outcome_of(refusal),
+        ),
+    };
+    tokens::mark_deprecated(&mut resp, policy);
+    let status = resp.status().as_u16();
+    log_request(
+        head,
+        request_id,
+        Some("(token)"),
+        None,
+        None,
+        status,
+        started,
+    );
+    gate.metrics.request(outcome_index, status);
+    gate.metrics.request_seconds.observe(started.elapsed());
+    resp
 }
 
 fn log_request(

@@ -74,6 +74,8 @@ pub struct Principal {
     pub grants: ApiSet,
     /// Refused from this instant on (ms since the Unix epoch), checked on every request.
     pub deadline_ms: Option<u64>,
+    /// Authenticated by an access token of the deprecated flow, not a secret key.
+    pub access_token: bool,
     /// Served from a cache until this instant (ms): fetch time + `cache_ttl`.
     fresh_until_ms: u64,
     stamp: Stamp,
@@ -92,6 +94,7 @@ impl Principal {
             disabled: r.user.disabled,
             grants: routes.compile_grants(&r.user.grants),
             deadline_ms: r.deadline_ms,
+            access_token: r.access_token,
             fresh_until_ms,
             stamp: Stamp {
                 global: 0,

@@ -169,6 +169,8 @@ pub struct Resolved {
     /// The instant from which the token is refused: the key's grace deadline, or for an
     /// access token the earlier of its own expiry and its parent's deadline.
     pub deadline_ms: Option<u64>,
+    /// Whether the token is an access token of the deprecated flow (not a secret key).
+    pub access_token: bool,
 }
 
 /// Fields of a new user.
@@ -209,6 +211,9 @@ pub enum StoreError {
     /// The store answered with something this version cannot read.
     #[error("store data is corrupt: {0}")]
     Corrupt(String),
+    /// Too many requests of a rate-limited kind (access tokens); nothing was written.
+    #[error("rate limited; retry in {retry_after_ms} ms")]
+    RateLimited { retry_after_ms: u64 },
 }
 
 impl StoreError {
@@ -304,6 +309,20 @@ impl Store {
     pub async fn keys(&self, id: &str) -> Result<Vec<SecretKey>, StoreError> {
         match self {
             Store::File(s) => s.keys(id),
+        }
+    }
+
+    /// Issues an access token (deprecated flow) for the user's secret key `parent`,
+    /// stored as `hash`; at most 5 per user per minute. Returns the token record.
+    pub async fn issue_access_token(
+        &self,
+        id: &str,
+        parent: TokenHash,
+        hash: TokenHash,
+        lifetime: Duration,
+    ) -> Result<AccessToken, StoreError> {
+        match self {
+            Store::File(s) => s.issue_access_token(id, parent, hash, lifetime),
         }
     }
 
