@@ -104,6 +104,8 @@ pub struct Metrics {
     pub store_lookups: Counter,
     pub store_lookup_seconds: Histogram,
     pub store_errors: Counter,
+    /// Lookups refused without asking the store: too many already in flight.
+    pub lookups_shed: Counter,
     pub invalidations: Counter,
     pub subscriber_reconnects: Counter,
     pub subscriber_connected: Gauge,
@@ -169,7 +171,7 @@ impl Metrics {
             "campaign_gate_store_lookup_duration_seconds",
             "Store lookups on cache misses.",
         );
-        let counters: [(&str, &str, &Counter); 12] = [
+        let counters: [(&str, &str, &Counter); 13] = [
             (
                 "campaign_gate_connections_refused_total",
                 "Connections closed at accept: the client address held too many.",
@@ -204,6 +206,11 @@ impl Metrics {
                 "campaign_gate_store_errors_total",
                 "Store lookups that failed or timed out.",
                 &self.store_errors,
+            ),
+            (
+                "campaign_gate_store_lookups_shed_total",
+                "Lookups answered 503 at once because too many were already waiting on the store.",
+                &self.lookups_shed,
             ),
             (
                 "campaign_gate_invalidations_total",
