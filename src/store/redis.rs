@@ -407,16 +407,27 @@ impl RedisStore {
         Ok(manager)
     }
 
-    /// Runs one call on the command connection within `[store] timeout`.
-    async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, StoreError>
+    /// Runs one call on the command connection within `[store] timeout`. A read is
+    /// tried once more when the connection turns out to be broken (Redis restarted, say);
+    /// a change never is, since it may have been applied before the connection broke.
+    async fn call<T, F, Fut>(&self, what: &str, kind: Call, f: F) -> Result<T, StoreError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let used = self.conn.load_full();
         let attempt = async {
             let conn = self.connection().await?;
-            f((*conn).clone()).await
+            match f((*conn).clone()).await {
+                Err(e)
+                    if kind == Call::Read
+                        && (e.is_unrecoverable_error() || e.is_connection_dropped()) =>
+                {
+                    // The manager reconnects in the background; wait for it.
+                    f((*conn).clone()).await
+                }
+                result => result,
+            }
         };
         match tokio::time::timeout(self.timeout, attempt).await {
             Ok(Ok(v)) => Ok(v),
@@ -438,6 +449,7 @@ impl RedisStore {
     async fn script(
         &self,
         what: &str,
+        kind: Call,
         script: &Script,
         user: Option<&str>,
         args: &[&str],
@@ -450,7 +462,8 @@ impl RedisStore {
         for a in args {
             invocation.arg(*a);
         }
-        self.call(what, |mut conn| async move {
+        let invocation = &invocation;
+        self.call(what, kind, move |mut conn| async move {
             invocation.invoke_async::<Value>(&mut conn).await
         })
         .await
@@ -464,7 +477,9 @@ impl RedisStore {
         user: &str,
         args: &[&str],
     ) -> Result<Vec<Value>, StoreError> {
-        let reply = self.script(what, script, Some(user), args).await?;
+        let reply = self
+            .script(what, Call::Change, script, Some(user), args)
+            .await?;
         let mut items = array(reply, what)?.into_iter();
         let status = items.next().map(|v| string(v, what)).transpose()?;
         match status.as_deref() {
@@ -484,7 +499,7 @@ impl RedisStore {
     pub async fn lookup(&self, hash: &TokenHash) -> Result<Option<Resolved>, StoreError> {
         let hex = hash.to_hex();
         let reply = self
-            .script("lookup", &self.scripts.lookup, None, &[&hex])
+            .script("lookup", Call::Read, &self.scripts.lookup, None, &[&hex])
             .await?;
         if reply == Value::Nil {
             return Ok(None);
@@ -539,9 +554,9 @@ impl RedisStore {
     }
 
     pub async fn user(&self, id: &str) -> Result<Option<User>, StoreError> {
-        let key = self.user_key(id);
+        let key = &self.user_key(id);
         let reply = self
-            .call("read user", |mut conn| async move {
+            .call("read user", Call::Read, move |mut conn| async move {
                 redis::cmd("HGETALL")
                     .arg(key)
                     .query_async::<Value>(&mut conn)
@@ -556,9 +571,9 @@ impl RedisStore {
 
     /// Every user, ordered by id.
     pub async fn users(&self) -> Result<Vec<User>, StoreError> {
-        let set = self.users_key();
+        let set = &self.users_key();
         let mut ids: Vec<String> = self
-            .call("list users", |mut conn| async move {
+            .call("list users", Call::Read, move |mut conn| async move {
                 redis::cmd("SMEMBERS").arg(set).query_async(&mut conn).await
             })
             .await?;
@@ -567,8 +582,9 @@ impl RedisStore {
         for id in &ids {
             pipe.cmd("HGETALL").arg(self.user_key(id));
         }
+        let pipe = &pipe;
         let replies: Vec<Value> = self
-            .call("read users", |mut conn| async move {
+            .call("read users", Call::Read, move |mut conn| async move {
                 pipe.query_async(&mut conn).await
             })
             .await?;
@@ -635,7 +651,7 @@ impl RedisStore {
     /// The user's keys that work now (by Redis' clock), slot 1 first.
     pub async fn keys(&self, id: &str) -> Result<Vec<SecretKey>, StoreError> {
         let reply = self
-            .script("list keys", &self.scripts.keys, Some(id), &[id])
+            .script("list keys", Call::Read, &self.scripts.keys, Some(id), &[id])
             .await?;
         let mut items = array(reply, "list keys")?.into_iter();
         let (Some(now), Some(exists), Some(flat)) = (items.next(), items.next(), items.next())
@@ -684,9 +700,9 @@ impl RedisStore {
 
     /// The current invalidation sequence number (0 before the first change).
     pub async fn seq(&self) -> Result<u64, StoreError> {
-        let key = self.seq_key();
+        let key = &self.seq_key();
         let seq: Option<u64> = self
-            .call("read seq", |mut conn| async move {
+            .call("read seq", Call::Read, move |mut conn| async move {
                 redis::cmd("GET").arg(key).query_async(&mut conn).await
             })
             .await?;
@@ -715,6 +731,13 @@ impl RedisStore {
             ))),
         }
     }
+}
+
+/// Whether a call may be repeated after a broken connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Read,
+    Change,
 }
 
 /// A live subscription to the invalidation channel on its own connection.

@@ -74,6 +74,8 @@ impl RedisServer {
             .args(["--bind", "127.0.0.1"])
             .args(["--daemonize", "no"])
             .args(["--save", ""])
+            // `DEBUG SLEEP` is off by default since Redis 7 (needs 7 or later).
+            .args(["--enable-debug-command", "local"])
             .arg("--dir")
             .arg(self.dir.path())
             .args(["--logfile", "redis.log"])
@@ -278,4 +280,50 @@ pub async fn start_gateway(settings: &GatewaySettings) -> Gateway {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     gateway
+}
+
+/// A keep-alive HTTP/1.1 client for floods of requests (one TCP connection per request
+/// would run the machine out of ports).
+pub type PooledClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Empty<bytes::Bytes>,
+>;
+
+pub fn pooled_client() -> PooledClient {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(256)
+        .build_http()
+}
+
+/// `POST /campaignapi/resources/v3/events` with `token`: the status and how long the
+/// whole exchange took.
+pub async fn pooled_events(
+    client: &PooledClient,
+    addr: SocketAddr,
+    token: &str,
+) -> (u16, Duration) {
+    pooled(client, addr, "POST", EVENTS, token).await
+}
+
+/// One request with `token` on a pooled connection: the status and how long the whole
+/// exchange took.
+pub async fn pooled(
+    client: &PooledClient,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+) -> (u16, Duration) {
+    use http_body_util::BodyExt as _;
+    let started = Instant::now();
+    let request = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(http_body_util::Empty::new())
+        .expect("request");
+    let response = client.request(request).await.expect("gateway answers");
+    let status = response.status().as_u16();
+    let _ = response.into_body().collect().await.expect("body");
+    (status, started.elapsed())
 }
