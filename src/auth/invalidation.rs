@@ -228,10 +228,12 @@ impl Follower<'_> {
     async fn periodic_check(&mut self, mut sub: Option<&mut Subscription>) -> bool {
         let seq = match self.store.seq().await {
             Ok(seq) => seq,
-            Err(e) => {
+            Err(e) if sub.is_some() => {
                 tracing::warn!(error = %e, "cannot read the invalidation sequence");
                 return true;
             }
+            // Disconnected: the failed subscribe has been reported already.
+            Err(_) => return true,
         };
         if let Some(sub) = sub.as_deref_mut() {
             let deadline = Instant::now() + (self.every / 10).min(Duration::from_millis(50));

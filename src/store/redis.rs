@@ -30,7 +30,7 @@ use arc_swap::ArcSwapOption;
 use futures_util::StreamExt as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
 use redis::{RedisError, Script, Value};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::records::{self, UserRecords};
 use super::{
@@ -312,7 +312,7 @@ impl Scripts {
 
 /// One key entry as stored in `cg:user:{<id>}:keys`: every field a string, empty for
 /// "none", so that `redis-cli` shows exactly what the scripts compare.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Deserialize)]
 struct KeyEntry {
     key_id: String,
     slot: String,
