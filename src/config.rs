@@ -118,6 +118,8 @@ pub struct TokensConfig {
     pub enabled: bool,
     pub path: String,
     pub lifetime: Duration,
+    /// Where the `Link` header of the flow's responses points: the migration note.
+    pub migration_url: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -246,6 +248,12 @@ const SCHEMA: &[(&str, &str, Kind, Option<&str>)] = &[
         Some("/campaignapi/resources/v3/token"),
     ),
     ("tokens", "lifetime", Kind::Duration, Some("60m")),
+    (
+        "tokens",
+        "migration_url",
+        Kind::Str,
+        Some("https://campaign-gate.invalid/docs/access-tokens"),
+    ),
 ];
 
 /// A typed value of one key, before it is placed in the config struct.
@@ -745,6 +753,7 @@ fn build(
             enabled: boolean("tokens", "enabled"),
             path: tokens_path,
             lifetime,
+            migration_url: string("tokens", "migration_url"),
         },
         apis,
     };

@@ -31,6 +31,7 @@ use crate::pipeline::{self, Policy};
 use crate::store::Store;
 use crate::store::file::FileStore;
 use crate::telemetry::Metrics;
+use crate::tokens;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -342,7 +343,9 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let (io, activity) = ActivityIo::new(stream);
         let conn_worker = worker.clone();
-        let svc = service_fn(move |req| handle(conn_worker.clone(), peer, req));
+        let peer_header = headers::ip_header_value(peer.ip());
+        let svc =
+            service_fn(move |req| handle(conn_worker.clone(), peer, peer_header.clone(), req));
         let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
         let metrics = gate.metrics.clone();
         let shutdown = shutdown.clone();
@@ -424,6 +427,7 @@ async fn watch_file(
 async fn handle(
     worker: Arc<Worker>,
     peer: SocketAddr,
+    peer_header: HeaderValue,
     req: Request<Incoming>,
 ) -> Result<Response<GateBody>, Infallible> {
     let started = Instant::now();
@@ -440,6 +444,13 @@ async fn handle(
     } else {
         peer.ip()
     };
+    if policy.config.tokens.enabled
+        && head.method == http::Method::POST
+        && crate::path::canonicalize(head.uri.path())
+            .is_ok_and(|p| tokens::is_token_request(&head, &p, &policy))
+    {
+        return Ok(token_exchange(gate, &policy, &head, client, &request_id, started).await);
+    }
     let admission = match pipeline::admit(&head, &policy, &gate.auth, client).await {
         Ok(a) => a,
         Err(rejection) => {
@@ -499,7 +510,7 @@ async fn handle(
             {
                 h.insert(HOST, a);
             }
-            headers::set_forwarded(h, peer.ip(), peer_trusted, "http");
+            headers::set_forwarded(h, &peer_header, peer_trusted, "http");
             h.insert(X_REQUEST_ID, request_id.clone());
             h.insert(
                 policy.identity.user_id.clone(),
@@ -555,6 +566,43 @@ async fn handle(
     gate.metrics.request(outcome, status);
     gate.metrics.request_seconds.observe(started.elapsed());
     Ok(resp)
+}
+
+/// The deprecated token flow, with its own response headers and counter.
+async fn token_exchange(
+    gate: &Gate,
+    policy: &Policy,
+    head: &http::request::Parts,
+    client: std::net::IpAddr,
+    request_id: &HeaderValue,
+    started: Instant,
+) -> Response<GateBody> {
+    gate.metrics.token_exchanges.inc();
+    let outcome = match pipeline::framing(head, &policy.config.server) {
+        Err(r) => Err(r),
+        Ok(()) => tokens::exchange(head, policy, &gate.auth, client, request_id).await,
+    };
+    let (mut resp, outcome_index) = match outcome {
+        Ok(resp) => (resp, 0),
+        Err(refusal) => (
+            refusal.response(request_id, policy.config.compat.campaign_statuses),
+            outcome_of(refusal),
+        ),
+    };
+    tokens::mark_deprecated(&mut resp, policy);
+    let status = resp.status().as_u16();
+    log_request(
+        head,
+        request_id,
+        Some("(token)"),
+        None,
+        None,
+        status,
+        started,
+    );
+    gate.metrics.request(outcome_index, status);
+    gate.metrics.request_seconds.observe(started.elapsed());
+    resp
 }
 
 fn log_request(

@@ -1028,3 +1028,97 @@ fn base64_secret(token: &str) -> Option<String> {
     let text = String::from_utf8(raw).ok()?;
     text.split_once(':').map(|(_, s)| s.to_string())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_tokens_are_shared_by_replicas_and_die_with_their_parent_key() {
+    use base64::Engine as _;
+    let redis = RedisServer::start();
+    let backend = RecordingBackend::start().await;
+    let store = admin(&redis).await;
+    let key = api_user(&store, "alice", &["events"]).await;
+    let settings = GatewaySettings::new(&redis.url(), &backend.url());
+    let a = start_gateway(&settings).await;
+    let b = start_gateway(&settings).await;
+
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("alice:{key}"));
+    let resp = Req::post("/campaignapi/resources/v3/token")
+        .header("authorization", format!("Basic {basic}"))
+        .send(a.addr)
+        .await;
+    assert_eq!(resp.status.as_u16(), 200, "{}", resp.text());
+    let token = resp.json().expect("JSON")["access_token"]
+        .as_str()
+        .expect("access_token")
+        .to_string();
+    // Issued on one replica, honoured by both.
+    for g in [&a, &b] {
+        assert_eq!(status(g, EVENTS, &token).await, 200, "access token");
+    }
+
+    // In Redis: the token's hash and record, never the token.
+    let mut conn = redis.conn().await;
+    let record: String = redis::cmd("GET")
+        .arg(format!("cg:tok:{}", hex(&token)))
+        .query_async(&mut conn)
+        .await
+        .expect("cg:tok:<hash>");
+    let record: serde_json::Value = serde_json::from_str(&record).expect("JSON record");
+    assert_eq!(record["user"], "alice");
+    assert_eq!(record["parent"], hex(&key));
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(format!("cg:tok:{}", hex(&token)))
+        .query_async(&mut conn)
+        .await
+        .expect("PTTL");
+    assert!(
+        ttl > 3_500_000 && ttl <= 3_600_001,
+        "expires with the token: {ttl}"
+    );
+    let names: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    for name in &names {
+        let dump: String = match redis::cmd("TYPE")
+            .arg(name)
+            .query_async::<String>(&mut conn)
+            .await
+            .expect("TYPE")
+            .as_str()
+        {
+            "string" => redis::cmd("GET").arg(name).query_async(&mut conn).await,
+            "hash" => redis::cmd("HGETALL")
+                .arg(name)
+                .query_async::<Vec<String>>(&mut conn)
+                .await
+                .map(|v| v.join(" ")),
+            "zset" => redis::cmd("ZRANGE")
+                .arg(name)
+                .arg(0)
+                .arg(-1)
+                .query_async::<Vec<String>>(&mut conn)
+                .await
+                .map(|v| v.join(" ")),
+            _ => redis::cmd("SMEMBERS")
+                .arg(name)
+                .query_async::<Vec<String>>(&mut conn)
+                .await
+                .map(|v| v.join(" ")),
+        }
+        .expect("read");
+        assert!(!name.contains(&token) && !dump.contains(&token), "{name}");
+    }
+
+    // Revoking the parent key refuses the token on both replicas within the bound.
+    let t0 = Instant::now();
+    store
+        .delete_key("alice", 1, Revocation::Now)
+        .await
+        .expect("revoke the parent");
+    let took = refused_everywhere(&[&a, &b], EVENTS, &token, 401, t0).await;
+    eprintln!("access token refused by both replicas {took:?} after its parent was revoked");
+    assert!(took <= HEALTHY_BOUND, "{took:?}");
+    a.shutdown().await;
+    b.shutdown().await;
+}

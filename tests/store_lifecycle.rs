@@ -1,5 +1,6 @@
-//! One behavioural test body for the key lifecycle, run against both stores: the `file:`
-//! store and a Redis of the test's own. Same calls, same answers, same refusal messages.
+//! Behavioural test bodies for the key lifecycle and access tokens, each run against both
+//! stores: the `file:` store and a Redis of the test's own. Same calls, same answers,
+//! same refusal messages.
 
 mod support;
 
@@ -299,21 +300,188 @@ async fn lifecycle(store: Store) {
     assert_eq!(ids, ["bob", "uma"]);
 }
 
+/// Access tokens of the deprecated flow: issued for a working key, at most 5 per user
+/// per minute, dying at their expiry, with their parent key and with their user.
+async fn access_tokens(store: Store) {
+    let (h1, id1) = new_key();
+    let (h2, _) = new_key();
+    store
+        .create_user(user("alice", UserType::Api, &["events"]))
+        .await
+        .expect("alice");
+    store
+        .create_user(user("uma", UserType::Ui, &[]))
+        .await
+        .expect("uma");
+    store.add_key("alice", h1, &id1).await.expect("key 1");
+    store.add_key("alice", h2, "k2").await.expect("key 2");
+    let token = |n: u8| TokenHash::of(&[b't', n]);
+
+    let before = now_ms();
+    let t1 = store
+        .issue_access_token("alice", h1, token(1), Duration::from_secs(600))
+        .await
+        .expect("token 1");
+    assert_eq!(
+        (t1.hash, t1.parent, t1.user_id.as_str()),
+        (token(1), h1, "alice")
+    );
+    assert!((before + 600_000..=now_ms() + 600_000).contains(&t1.expires_ms));
+    let r = store
+        .lookup(&token(1))
+        .await
+        .expect("lookup")
+        .expect("works");
+    assert_eq!(
+        (
+            r.user.id.as_str(),
+            r.key_id.as_str(),
+            r.deadline_ms,
+            r.access_token
+        ),
+        ("alice", id1.as_str(), Some(t1.expires_ms), true)
+    );
+    assert!(
+        !store
+            .lookup(&h1)
+            .await
+            .expect("lookup")
+            .expect("key")
+            .access_token
+    );
+
+    // Refusals, which do not count towards the rate limit.
+    assert_eq!(
+        refused(
+            store
+                .issue_access_token("uma", h1, token(9), Duration::from_secs(60))
+                .await
+        ),
+        "user uma cannot get access tokens"
+    );
+    assert_eq!(
+        refused(
+            store
+                .issue_access_token("nobody", h1, token(9), Duration::from_secs(60))
+                .await
+        ),
+        "user nobody does not exist"
+    );
+    assert_eq!(
+        refused(
+            store
+                .issue_access_token("alice", token(1), token(9), Duration::from_secs(60))
+                .await
+        ),
+        "the credentials are not a key of this user"
+    );
+
+    // Expiry.
+    let short = store
+        .issue_access_token("alice", h2, token(2), Duration::from_millis(200))
+        .await
+        .expect("short token");
+    while now_ms() < short.expires_ms {
+        tokio::time::sleep(Duration::from_millis(short.expires_ms - now_ms())).await;
+    }
+    assert_eq!(store.lookup(&token(2)).await.expect("lookup"), None);
+
+    // The parent's grace deadline bounds the token's.
+    let t3 = store
+        .issue_access_token("alice", h2, token(3), Duration::from_secs(60))
+        .await
+        .expect("token 3");
+    let deleted = store
+        .delete_key("alice", 1, Revocation::Grace(Duration::from_secs(300)))
+        .await
+        .expect("delete key 1 with grace");
+    let r = store
+        .lookup(&token(1))
+        .await
+        .expect("lookup")
+        .expect("in grace");
+    assert_eq!(
+        r.deadline_ms, deleted.expires_ms,
+        "the parent's deadline comes first"
+    );
+    // Revoking the parent at once kills its tokens at once.
+    store
+        .delete_key("alice", 1, Revocation::Now)
+        .await
+        .expect("revoke key 2, now key 1");
+    assert_eq!(store.lookup(&token(3)).await.expect("lookup"), None);
+    assert!(t3.expires_ms > now_ms());
+
+    // Five requests a minute: 1, 2 and 3 were made; two more, then the limit.
+    for n in [4, 5] {
+        store
+            .issue_access_token("alice", h1, token(n), Duration::from_secs(60))
+            .await
+            .expect("within the limit");
+    }
+    match store
+        .issue_access_token("alice", h1, token(6), Duration::from_secs(60))
+        .await
+    {
+        Err(StoreError::RateLimited { retry_after_ms }) => {
+            assert!((1..=60_000).contains(&retry_after_ms), "{retry_after_ms}");
+        }
+        other => panic!("expected the rate limit, got {other:?}"),
+    }
+    store.set_disabled("alice", true).await.expect("disable");
+    assert_eq!(
+        refused(
+            store
+                .issue_access_token("alice", h1, token(7), Duration::from_secs(60))
+                .await
+        ),
+        "user alice cannot get access tokens"
+    );
+
+    // With their user.
+    store.delete_user("alice").await.expect("delete alice");
+    for n in [1, 4, 5] {
+        assert_eq!(
+            store.lookup(&token(n)).await.expect("lookup"),
+            None,
+            "token {n}"
+        );
+    }
+}
+
+async fn file_store(dir: &tempfile::TempDir) -> Store {
+    let url = format!("file:{}", dir.path().join("store.json").display());
+    Store::open(&url, "cg:", Duration::from_secs(1))
+        .await
+        .expect("open file store")
+}
+
+async fn redis_store(redis: &RedisServer) -> Store {
+    Store::open(&redis.url(), "cg:", Duration::from_secs(1))
+        .await
+        .expect("open redis store")
+}
+
+#[tokio::test]
+async fn access_tokens_on_the_file_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    access_tokens(file_store(&dir).await).await;
+}
+
+#[tokio::test]
+async fn access_tokens_on_the_redis_store() {
+    let redis = RedisServer::start();
+    access_tokens(redis_store(&redis).await).await;
+}
+
 #[tokio::test]
 async fn lifecycle_on_the_file_store() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("file:{}", dir.path().join("store.json").display());
-    let store = Store::open(&url, "cg:", Duration::from_secs(1))
-        .await
-        .expect("open file store");
-    lifecycle(store).await;
+    lifecycle(file_store(&dir).await).await;
 }
 
 #[tokio::test]
 async fn lifecycle_on_the_redis_store() {
     let redis = RedisServer::start();
-    let store = Store::open(&redis.url(), "cg:", Duration::from_secs(1))
-        .await
-        .expect("open redis store");
-    lifecycle(store).await;
+    lifecycle(redis_store(&redis).await).await;
 }

@@ -1,20 +1,31 @@
 //! The auth cache over the store: token hash -> principal, with coalesced misses,
 //! negative entries, hard TTLs, exact grace deadlines, stale-if-error and invalidation.
 //!
-//! Guarantees kept here:
-//! - every entry expires by `cache_ttl` (negative: `negative_cache_ttl`), and a key in
-//!   grace no later than its deadline;
-//! - N concurrent misses of one hash make one store lookup;
-//! - an invalidation that races a lookup of the same key never leaves the
-//!   pre-invalidation answer cached, nor lets it be served: see [`Stamps`];
-//! - a store error is never cached; within `stale_if_error` of the last successful
-//!   fetch a known key keeps serving from the stale copy;
-//! - at most [`MAX_LOOKUPS_IN_FLIGHT`] store lookups wait at once; beyond that a miss is
-//!   answered like a store outage (stale copy or 503), so a slow store cannot pile up
-//!   requests.
+//! Layers, fastest first:
+//! 1. a per-thread front map (no lock, no shared write) of recently used principals;
+//! 2. moka, shared: hard TTLs, per-entry expiry at grace deadlines, coalesced loads;
+//! 3. the store.
+//!
+//! Validity is decided at read time by *stamps*, not by when an entry was inserted:
+//! every entry records, from before its store lookup began, the generation of the
+//! stripe of its token hash, of the stripe of its user id, and the global generation.
+//! An invalidation bumps the matching generation first, so every copy loaded before it
+//! (in moka, in any thread's front, or still in flight) fails validation from that
+//! instant on. This is what keeps a revocation that races a lookup of the same key from
+//! leaving the old answer in use. Key and user invalidations touch one stripe of 4096,
+//! so a revocation storm leaves the other keys' entries valid.
+//!
+//! Other guarantees: every positive entry is fresh for `cache_ttl` (negative:
+//! `negative_cache_ttl`) and for no longer than its grace deadline; N concurrent misses
+//! of one hash make one store lookup; a store error is never cached; within
+//! `stale_if_error` of the last successful fetch a known key keeps serving from the
+//! stale copy, still subject to its deadline and to invalidations.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use http::HeaderValue;
@@ -28,6 +39,29 @@ use crate::routes::{ApiSet, RouteTable};
 use crate::store::{Invalidation, Resolved, Store, StoreError, TokenHash, UserType};
 use crate::telemetry::Metrics;
 
+/// Number of generation stripes (a power of two).
+const STRIPES: usize = 4096;
+
+/// Most entries one thread's front map holds before it starts over.
+const FRONT_CAPACITY: usize = 16_384;
+
+/// How many store lookups may be in flight at once; past that, a miss is answered as
+/// "store unavailable" instead of queueing behind a slow store.
+const MAX_INFLIGHT_LOOKUPS: usize = 256;
+
+/// How many times a load that raced an invalidation is retried before its (fresh)
+/// answer is returned uncached.
+const RACE_RETRIES: usize = 3;
+
+/// The generations an entry was loaded under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    global: u64,
+    key: u64,
+    /// `u64::MAX` for entries without a user (negative entries).
+    user: u64,
+}
+
 /// Who a token authenticates as, with grants compiled against the route table.
 #[derive(Debug)]
 pub struct Principal {
@@ -40,14 +74,16 @@ pub struct Principal {
     pub grants: ApiSet,
     /// Refused from this instant on (ms since the Unix epoch), checked on every request.
     pub deadline_ms: Option<u64>,
-    /// The cache generation when the lookup that produced this entry started.
-    generation: u64,
-    /// The user's slot in [`Stamps::users`].
-    user_slot: usize,
+    /// Authenticated by an access token of the deprecated flow, not a secret key.
+    pub access_token: bool,
+    /// Served from a cache until this instant (ms): fetch time + `cache_ttl`.
+    fresh_until_ms: u64,
+    stamp: Stamp,
+    user_stripe: usize,
 }
 
 impl Principal {
-    pub fn from_resolved(r: &Resolved, routes: &RouteTable, generation: u64) -> Principal {
+    fn from_resolved(r: &Resolved, routes: &RouteTable, fresh_until_ms: u64) -> Principal {
         let header = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static(""));
         Principal {
             user_id: Arc::from(r.user.id.as_str()),
@@ -58,8 +94,14 @@ impl Principal {
             disabled: r.user.disabled,
             grants: routes.compile_grants(&r.user.grants),
             deadline_ms: r.deadline_ms,
-            generation,
-            user_slot: user_slot(&r.user.id),
+            access_token: r.access_token,
+            fresh_until_ms,
+            stamp: Stamp {
+                global: 0,
+                key: 0,
+                user: 0,
+            },
+            user_stripe: user_stripe(&r.user.id),
         }
     }
 
@@ -69,27 +111,10 @@ impl Principal {
     }
 }
 
-/// A cached answer: a principal, or "no such token" (negative entry).
 #[derive(Debug, Clone)]
 enum Entry {
     Known(Arc<Principal>),
-    Unknown { generation: u64 },
-}
-
-impl Entry {
-    fn generation(&self) -> u64 {
-        match self {
-            Entry::Known(p) => p.generation,
-            Entry::Unknown { generation } => *generation,
-        }
-    }
-}
-
-fn answer(entry: Entry) -> Result<Arc<Principal>, AuthFailure> {
-    match entry {
-        Entry::Known(p) => Ok(p),
-        Entry::Unknown { .. } => Err(AuthFailure::Unknown),
-    }
+    Unknown { stamp: Stamp },
 }
 
 /// Why a token did not resolve to a principal.
@@ -120,6 +145,35 @@ impl Expiry<TokenHash, Entry> for EntryExpiry {
     }
 }
 
+/// Token hashes are SHA-256 outputs: their first 8 bytes are already a uniform hash.
+#[derive(Clone, Copy, Default)]
+pub struct TokenHashBuilder;
+
+#[derive(Default)]
+pub struct TokenHasher(u64);
+
+impl Hasher for TokenHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `TokenHash` is hashed with this hasher; it writes its first 8 bytes.
+        for &b in bytes.iter().take(8) {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+impl BuildHasher for TokenHashBuilder {
+    type Hasher = TokenHasher;
+    fn build_hasher(&self) -> TokenHasher {
+        TokenHasher(0)
+    }
+}
+
 /// Milliseconds since the Unix epoch, by the local clock.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -127,75 +181,43 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// How many times a load that raced an invalidation of the same key is retried before
-/// the request is answered 503 (never with the older answer).
-const RACE_RETRIES: usize = 3;
-
-/// Store lookups allowed to wait at once (coalesced misses count once).
-pub const MAX_LOOKUPS_IN_FLIGHT: usize = 256;
-
-/// Slots per kind of invalidation stamp. A token hash or user id maps to one slot, so
-/// an invalidation can make unrelated entries sharing its slot reload, never the other
-/// way round.
-const STAMP_SLOTS: usize = 4096;
-
-/// When each kind of entry was last invalidated, as cache generations.
-///
-/// Every invalidation takes a new generation `g` and stamps the slot of what it names
-/// (token hash, user id, or everything) with `g`; every lookup records the generation
-/// at which it *started*. An entry is served only while its generation is at least every
-/// stamp that concerns it. A lookup that read the store before a revocation therefore
-/// can never be served after the revocation was received, however its insert into the
-/// cache interleaves with the invalidation, and whether or not the request that loaded
-/// it is still around to clean up.
-struct Stamps {
-    keys: Box<[AtomicU64]>,
-    users: Box<[AtomicU64]>,
-    all: AtomicU64,
+fn key_stripe(hash: &TokenHash) -> usize {
+    (usize::from(hash.0[8]) << 8 | usize::from(hash.0[9])) & (STRIPES - 1)
 }
 
-impl Stamps {
-    fn new() -> Stamps {
-        let slots = || (0..STAMP_SLOTS).map(|_| AtomicU64::new(0)).collect();
-        Stamps {
-            keys: slots(),
-            users: slots(),
-            all: AtomicU64::new(0),
-        }
+fn user_stripe(id: &str) -> usize {
+    // FNV-1a: stable, and user ids are not attacker-chosen at request time.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in id.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
     }
+    (h as usize) & (STRIPES - 1)
 }
 
-fn key_slot(hash: &TokenHash) -> usize {
-    usize::from(u16::from_le_bytes([hash.0[0], hash.0[1]])) % STAMP_SLOTS
+/// One thread's front map, tagged with the authenticator it belongs to.
+#[derive(Default)]
+struct Front {
+    owner: usize,
+    map: HashMap<TokenHash, Arc<Principal>, TokenHashBuilder>,
 }
 
-/// FNV-1a: user ids are chosen by operators, not by clients, so no keyed hash is needed.
-fn user_slot(id: &str) -> usize {
-    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
-    usize::try_from(h % STAMP_SLOTS as u64).unwrap_or(0)
+thread_local! {
+    static FRONT: RefCell<Front> = RefCell::new(Front::default());
 }
 
-/// Why a load produced no entry to cache.
-#[derive(Debug)]
-enum LoadError {
-    /// The store failed or timed out (logged where it happened).
-    Store,
-    /// Too many lookups in flight.
-    Shed,
-    /// An invalidation of this key arrived while the store was being read.
-    Raced,
-}
+static NEXT_AUTHENTICATOR_ID: AtomicUsize = AtomicUsize::new(1);
 
 pub struct Authenticator {
-    keys: Cache<TokenHash, Entry>,
-    stale: Cache<TokenHash, Arc<Principal>>,
+    id: usize,
+    keys: Cache<TokenHash, Entry, TokenHashBuilder>,
+    stale: Cache<TokenHash, Arc<Principal>, TokenHashBuilder>,
     store: Store,
     store_timeout: Duration,
-    /// Bumped by every invalidation; see [`Stamps`].
-    generation: AtomicU64,
-    stamps: Stamps,
+    cache_ttl: Duration,
+    global: AtomicU64,
+    stripes: Box<[AtomicU64]>,
+    /// Bumped by every user invalidation, before the user's stripe.
+    user_epoch: AtomicU64,
     lookups: Semaphore,
     metrics: Arc<Metrics>,
     /// Failed-authentication throttling per client address.
@@ -215,19 +237,22 @@ impl Authenticator {
                 ttl: cfg.cache_ttl,
                 negative_ttl: cfg.negative_cache_ttl,
             })
-            .build();
+            .build_with_hasher(TokenHashBuilder);
         let stale = Cache::builder()
             .max_capacity(cfg.cache_capacity)
             .time_to_live(cfg.stale_if_error.max(Duration::from_millis(1)))
-            .build();
+            .build_with_hasher(TokenHashBuilder);
         Authenticator {
+            id: NEXT_AUTHENTICATOR_ID.fetch_add(1, Ordering::Relaxed),
             keys,
             stale,
             store,
             store_timeout,
-            generation: AtomicU64::new(0),
-            stamps: Stamps::new(),
-            lookups: Semaphore::new(MAX_LOOKUPS_IN_FLIGHT),
+            cache_ttl: cfg.cache_ttl,
+            global: AtomicU64::new(0),
+            stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            user_epoch: AtomicU64::new(0),
+            lookups: Semaphore::new(MAX_INFLIGHT_LOOKUPS),
             metrics,
             throttle: Throttle::new(cfg.failure_limit, cfg.failure_window, 100_000),
         }
@@ -237,6 +262,25 @@ impl Authenticator {
         &self.store
     }
 
+    fn current_stamp(&self, hash: &TokenHash, user_stripe: Option<usize>) -> Stamp {
+        Stamp {
+            global: self.global.load(Ordering::Acquire),
+            key: self.stripes[key_stripe(hash)].load(Ordering::Acquire),
+            user: user_stripe.map_or(u64::MAX, |s| self.stripes[s].load(Ordering::Acquire)),
+        }
+    }
+
+    fn principal_valid(&self, hash: &TokenHash, p: &Principal) -> bool {
+        p.stamp == self.current_stamp(hash, Some(p.user_stripe))
+    }
+
+    fn entry_valid(&self, hash: &TokenHash, e: &Entry) -> bool {
+        match e {
+            Entry::Known(p) => self.principal_valid(hash, p),
+            Entry::Unknown { stamp } => *stamp == self.current_stamp(hash, None),
+        }
+    }
+
     /// Resolves a token hash to its principal: from the cache, else from the store.
     /// The caller still checks [`Principal::valid_at`] (deadline and disabled).
     pub async fn resolve(
@@ -244,51 +288,75 @@ impl Authenticator {
         hash: &TokenHash,
         routes: &RouteTable,
     ) -> Result<Arc<Principal>, AuthFailure> {
+        let now = now_ms();
+        if let Some(p) = self.front_get(hash, now) {
+            self.metrics.cache_hits.inc();
+            return Ok(p);
+        }
         if let Some(entry) = self.keys.get(hash).await {
-            if self.current(hash, &entry) {
+            if self.entry_valid(hash, &entry) {
                 self.metrics.cache_hits.inc();
-                return answer(entry);
+                return match entry {
+                    Entry::Known(p) => {
+                        self.front_put(hash, &p);
+                        Ok(p)
+                    }
+                    Entry::Unknown { .. } => Err(AuthFailure::Unknown),
+                };
             }
-            // Loaded before an invalidation that concerns it: never served.
+            // Loaded before an invalidation that concerns it.
             self.keys.invalidate(hash).await;
         }
         self.metrics.cache_misses.inc();
         for _ in 0..RACE_RETRIES {
-            let started = self.generation.load(Ordering::Acquire);
-            let loaded = self
-                .keys
-                .try_get_with(*hash, self.load(hash, routes, started))
-                .await;
-            match loaded {
-                Ok(entry) if self.current(hash, &entry) => return answer(entry),
-                // Joined a load that an invalidation overtook after it was cached.
+            match self.keys.try_get_with(*hash, self.load(hash, routes)).await {
+                Ok(entry) if self.entry_valid(hash, &entry) => {
+                    return match entry {
+                        Entry::Known(p) => {
+                            self.front_put(hash, &p);
+                            Ok(p)
+                        }
+                        Entry::Unknown { .. } => Err(AuthFailure::Unknown),
+                    };
+                }
+                // An invalidation arrived while this was loading: drop it and retry.
                 Ok(_) => self.keys.invalidate(hash).await,
-                Err(e) => match *e {
-                    LoadError::Raced => {}
-                    LoadError::Store | LoadError::Shed => {
-                        return self.stale_or_unavailable(hash).await;
-                    }
-                },
+                Err(_) => return self.stale_or_unavailable(hash).await,
             }
         }
-        Err(AuthFailure::Unavailable)
+        // Invalidations keep racing this key: answer from a direct, uncached lookup.
+        match self.load(hash, routes).await {
+            Ok(Entry::Known(p)) => Ok(p),
+            Ok(Entry::Unknown { .. }) => Err(AuthFailure::Unknown),
+            Err(_) => self.stale_or_unavailable(hash).await,
+        }
     }
 
-    /// Whether `entry` was loaded after every invalidation that concerns it.
-    fn current(&self, hash: &TokenHash, entry: &Entry) -> bool {
-        let g = entry.generation();
-        let s = &self.stamps;
-        g >= s.all.load(Ordering::Acquire)
-            && g >= s.keys[key_slot(hash)].load(Ordering::Acquire)
-            && match entry {
-                Entry::Known(p) => g >= s.users[p.user_slot].load(Ordering::Acquire),
-                Entry::Unknown { .. } => true,
+    fn front_get(&self, hash: &TokenHash, now: u64) -> Option<Arc<Principal>> {
+        FRONT.with(|f| {
+            let f = f.borrow();
+            if f.owner != self.id {
+                return None;
             }
+            let p = f.map.get(hash)?;
+            (now < p.fresh_until_ms && self.principal_valid(hash, p)).then(|| p.clone())
+        })
+    }
+
+    fn front_put(&self, hash: &TokenHash, p: &Arc<Principal>) {
+        FRONT.with(|f| {
+            let mut f = f.borrow_mut();
+            if f.owner != self.id || f.map.len() >= FRONT_CAPACITY {
+                f.owner = self.id;
+                f.map.clear();
+            }
+            f.map.insert(*hash, p.clone());
+        });
     }
 
     async fn stale_or_unavailable(&self, hash: &TokenHash) -> Result<Arc<Principal>, AuthFailure> {
         match self.stale.get(hash).await {
-            Some(p) if self.current(hash, &Entry::Known(p.clone())) => {
+            Some(p) if self.principal_valid(hash, &p) => {
                 self.metrics.stale_served.inc();
                 Ok(p)
             }
@@ -296,64 +364,66 @@ impl Authenticator {
         }
     }
 
-    /// One store lookup, started at cache generation `started`. Fails rather than
-    /// return an answer that an invalidation received meanwhile may have overtaken, so
-    /// that it is not cached.
-    async fn load(
-        &self,
-        hash: &TokenHash,
-        routes: &RouteTable,
-        started: u64,
-    ) -> Result<Entry, LoadError> {
+    async fn load(&self, hash: &TokenHash, routes: &RouteTable) -> Result<Entry, StoreError> {
+        // Stamped before the lookup starts: an invalidation during it voids the answer.
+        let key_only = self.current_stamp(hash, None);
+        let epoch = self.user_epoch.load(Ordering::Acquire);
         let Ok(_permit) = self.lookups.try_acquire() else {
-            self.metrics.lookups_shed.inc();
-            return Err(LoadError::Shed);
+            self.metrics.store_errors.inc();
+            return Err(StoreError::Unavailable(
+                "too many store lookups in flight".into(),
+            ));
         };
         self.metrics.store_lookups.inc();
-        let began = Instant::now();
+        let started = Instant::now();
         let result = match tokio::time::timeout(self.store_timeout, self.store.lookup(hash)).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::Unavailable("lookup timed out".into())),
         };
-        self.metrics.store_lookup_seconds.observe(began.elapsed());
-        let entry = match result {
-            Ok(Some(resolved)) => Entry::Known(Arc::new(Principal::from_resolved(
-                &resolved, routes, started,
-            ))),
-            Ok(None) => Entry::Unknown {
-                generation: started,
-            },
+        self.metrics.store_lookup_seconds.observe(started.elapsed());
+        match result {
+            Ok(Some(resolved)) => {
+                let fresh_until = now_ms()
+                    .saturating_add(u64::try_from(self.cache_ttl.as_millis()).unwrap_or(u64::MAX));
+                let mut p = Principal::from_resolved(&resolved, routes, fresh_until);
+                // The user is known only now. Read its stripe, then the user epoch: an
+                // invalidation of any user since the lookup began shows in the epoch
+                // (bumped before the stripe), and then the entry is born invalid.
+                let user_gen = self.stripes[p.user_stripe].load(Ordering::Acquire);
+                let user_changed = self.user_epoch.load(Ordering::Acquire) != epoch;
+                p.stamp = Stamp {
+                    user: if user_changed { u64::MAX } else { user_gen },
+                    ..key_only
+                };
+                let p = Arc::new(p);
+                self.stale.insert(*hash, p.clone()).await;
+                Ok(Entry::Known(p))
+            }
+            Ok(None) => Ok(Entry::Unknown { stamp: key_only }),
             Err(e) => {
                 self.metrics.store_errors.inc();
                 tracing::warn!(error = %e, "store lookup failed");
-                return Err(LoadError::Store);
+                Err(e)
             }
-        };
-        if !self.current(hash, &entry) {
-            return Err(LoadError::Raced);
         }
-        if let Entry::Known(p) = &entry {
-            self.stale.insert(*hash, p.clone()).await;
-        }
-        Ok(entry)
     }
 
-    /// Applies an invalidation from the store. From the moment this is called, no answer
-    /// loaded before it that concerns the named key or user is served (see [`Stamps`]).
+    /// Applies an invalidation from the store. The generation is bumped first, so every
+    /// copy loaded before this instant, wherever it is, stops being served.
     pub async fn invalidate(&self, what: &Invalidation) {
         self.metrics.invalidations.inc();
         match what {
             Invalidation::Key(hash) => {
-                let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-                self.stamps.keys[key_slot(hash)].fetch_max(g, Ordering::AcqRel);
+                self.stripes[key_stripe(hash)].fetch_add(1, Ordering::AcqRel);
                 self.keys.invalidate(hash).await;
                 self.stale.invalidate(hash).await;
             }
             Invalidation::User(id) => {
-                // The user's entries are found by their stamp on their next use; cheaper
-                // than an invalidation predicate on every cached entry.
-                let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-                self.stamps.users[user_slot(id)].fetch_max(g, Ordering::AcqRel);
+                // Entries of this user (and of the few others sharing its stripe) fail
+                // validation from now on and are reloaded on their next use. The epoch
+                // goes first: see `load`.
+                self.user_epoch.fetch_add(1, Ordering::AcqRel);
+                self.stripes[user_stripe(id)].fetch_add(1, Ordering::AcqRel);
             }
             Invalidation::All => self.flush_all("invalidate all"),
         }
@@ -361,15 +431,14 @@ impl Authenticator {
 
     /// Drops every cached answer, positive, negative and stale.
     pub fn flush_all(&self, reason: &'static str) {
-        let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        self.stamps.all.fetch_max(g, Ordering::AcqRel);
+        self.global.fetch_add(1, Ordering::AcqRel);
         self.keys.invalidate_all();
         self.stale.invalidate_all();
         self.metrics.flush(reason);
         tracing::info!(reason, "auth cache flushed");
     }
 
-    /// Entries in the cache (approximate: moka counts lazily).
+    /// Entries in the shared cache (approximate: moka counts lazily).
     pub fn entry_count(&self) -> u64 {
         self.keys.entry_count()
     }
@@ -379,136 +448,118 @@ impl Authenticator {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::store::{NewUser, file::FileStore};
+    use crate::store::records::generate_secret_key;
+    use crate::store::{NewUser, Revocation};
 
     struct Fixture {
+        _dir: tempfile::TempDir,
         auth: Authenticator,
         routes: RouteTable,
-        metrics: Arc<Metrics>,
-        _dir: tempfile::TempDir,
+        token: TokenHash,
     }
 
-    /// An authenticator over a `file:` store holding user `alice` with one key.
-    async fn fixture() -> (Fixture, TokenHash) {
+    async fn fixture() -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
-        let file = FileStore::open(&dir.path().join("s.json")).expect("open");
-        file.create_user(NewUser {
-            id: "alice".into(),
-            kind: UserType::Api,
-            tenant: "acme".into(),
-            name: String::new(),
-            grants: Vec::new(),
-        })
-        .expect("user");
-        let hash = TokenHash::of(b"alice's key");
-        file.add_key("alice", hash, "k1").expect("key");
-        let config = Config::parse("", Vec::<(String, String)>::new()).expect("config");
-        let metrics = Arc::new(Metrics::default());
+        let url = format!("file:{}", dir.path().join("s.json").display());
+        let store = Store::open(&url, "cg:", Duration::from_secs(1))
+            .await
+            .expect("store");
+        store
+            .create_user(NewUser {
+                id: "u1".into(),
+                kind: UserType::Api,
+                tenant: "t".into(),
+                name: String::new(),
+                grants: vec![],
+            })
+            .await
+            .expect("user");
+        let (token, key_id) = generate_secret_key();
+        let token = TokenHash::of(token.as_bytes());
+        store.add_key("u1", token, &key_id).await.expect("key");
+        let cfg = Config::parse("", Vec::new()).expect("config");
         let auth = Authenticator::new(
-            Store::File(Arc::new(file)),
-            &config.auth,
+            store,
+            &cfg.auth,
             Duration::from_secs(1),
-            metrics.clone(),
+            Arc::new(Metrics::default()),
         );
-        let routes = config.route_table().expect("routes");
-        let fixture = Fixture {
+        let routes = cfg.route_table().expect("routes");
+        Fixture {
+            _dir: dir,
             auth,
             routes,
-            metrics,
-            _dir: dir,
-        };
-        (fixture, hash)
-    }
-
-    /// A hash in a different stamp slot than `hash`.
-    fn elsewhere(hash: &TokenHash) -> TokenHash {
-        (0u8..=255)
-            .map(|i| TokenHash::of(&[i]))
-            .find(|h| key_slot(h) != key_slot(hash))
-            .expect("another slot")
-    }
-
-    #[tokio::test]
-    async fn an_entry_loaded_before_an_invalidation_that_concerns_it_is_never_current() {
-        let (f, hash) = fixture().await;
-        let p = f.auth.resolve(&hash, &f.routes).await.expect("resolves");
-        let loaded = Entry::Known(p);
-        assert!(f.auth.current(&hash, &loaded));
-
-        // Unrelated invalidations leave it alone.
-        f.auth
-            .invalidate(&Invalidation::Key(elsewhere(&hash)))
-            .await;
-        let bob_slot_differs = user_slot("bob") != user_slot("alice");
-        f.auth.invalidate(&Invalidation::User("bob".into())).await;
-        assert_eq!(f.auth.current(&hash, &loaded), bob_slot_differs);
-
-        // Re-inserted after its own invalidation (a racing load), it is still refused.
-        let (f, hash) = fixture().await;
-        let loaded = Entry::Known(f.auth.resolve(&hash, &f.routes).await.expect("resolves"));
-        f.auth.invalidate(&Invalidation::Key(hash)).await;
-        f.auth.keys.insert(hash, loaded.clone()).await;
-        assert!(!f.auth.current(&hash, &loaded));
-        let again = f.auth.resolve(&hash, &f.routes).await.expect("reloads");
-        assert!(
-            again.generation > loaded.generation(),
-            "served a fresh load"
-        );
-
-        for what in [Invalidation::User("alice".into()), Invalidation::All] {
-            let (f, hash) = fixture().await;
-            let loaded = Entry::Known(f.auth.resolve(&hash, &f.routes).await.expect("ok"));
-            f.auth.invalidate(&what).await;
-            assert!(!f.auth.current(&hash, &loaded), "{what:?}");
-            // The stale copy is refused as well.
-            f.auth
-                .stale
-                .insert(
-                    hash,
-                    match &loaded {
-                        Entry::Known(p) => p.clone(),
-                        Entry::Unknown { .. } => unreachable!(),
-                    },
-                )
-                .await;
-            assert_eq!(
-                f.auth.stale_or_unavailable(&hash).await.err(),
-                Some(AuthFailure::Unavailable),
-                "{what:?}"
-            );
+            token,
         }
     }
 
     #[tokio::test]
-    async fn negative_entries_are_dropped_by_their_key() {
-        let (f, _) = fixture().await;
-        let unknown = TokenHash::of(b"nobody");
-        assert_eq!(
-            f.auth.resolve(&unknown, &f.routes).await.err(),
-            Some(AuthFailure::Unknown)
-        );
-        let negative = f.auth.keys.get(&unknown).await.expect("cached");
-        f.auth.invalidate(&Invalidation::User("alice".into())).await;
-        assert!(f.auth.current(&unknown, &negative), "users do not own it");
-        f.auth.invalidate(&Invalidation::Key(unknown)).await;
-        assert!(!f.auth.current(&unknown, &negative));
+    async fn hits_come_from_the_front_after_the_first_load() {
+        let f = fixture().await;
+        let first = f.auth.resolve(&f.token, &f.routes).await.expect("known");
+        let lookups = f.auth.metrics.store_lookups.get();
+        let again = f.auth.resolve(&f.token, &f.routes).await.expect("known");
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(f.auth.metrics.store_lookups.get(), lookups);
+        assert!(f.auth.front_get(&f.token, now_ms()).is_some());
     }
 
     #[tokio::test]
-    async fn lookups_beyond_the_cap_are_answered_unavailable() {
-        let (f, hash) = fixture().await;
-        let held = f
-            .auth
-            .lookups
-            .try_acquire_many(u32::try_from(MAX_LOOKUPS_IN_FLIGHT).expect("fits"))
-            .expect("all permits");
+    async fn key_invalidation_voids_every_cached_copy() {
+        let f = fixture().await;
+        f.auth.resolve(&f.token, &f.routes).await.expect("known");
+        f.auth
+            .store()
+            .delete_key("u1", 1, Revocation::Now)
+            .await
+            .expect("delete");
+        // Until told, the cache still answers: that is what invalidation is for.
+        assert!(f.auth.resolve(&f.token, &f.routes).await.is_ok());
+        f.auth.invalidate(&Invalidation::Key(f.token)).await;
+        assert!(f.auth.front_get(&f.token, now_ms()).is_none());
         assert_eq!(
-            f.auth.resolve(&hash, &f.routes).await.err(),
-            Some(AuthFailure::Unavailable)
+            f.auth.resolve(&f.token, &f.routes).await.err(),
+            Some(AuthFailure::Unknown)
         );
-        assert_eq!(f.metrics.lookups_shed.get(), 1);
-        assert_eq!(f.metrics.store_lookups.get(), 0, "the store was not asked");
-        drop(held);
-        assert!(f.auth.resolve(&hash, &f.routes).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn user_invalidation_voids_entries_of_that_user() {
+        let f = fixture().await;
+        f.auth.resolve(&f.token, &f.routes).await.expect("known");
+        f.auth
+            .store()
+            .set_disabled("u1", true)
+            .await
+            .expect("disable");
+        f.auth.invalidate(&Invalidation::User("u1".into())).await;
+        let p = f
+            .auth
+            .resolve(&f.token, &f.routes)
+            .await
+            .expect("still known");
+        assert!(p.disabled, "reloaded after the user invalidation");
+    }
+
+    #[tokio::test]
+    async fn a_load_stamped_before_an_invalidation_is_never_valid() {
+        let f = fixture().await;
+        // A load that began before an invalidation of its key...
+        let entry = f.auth.load(&f.token, &f.routes).await.expect("load");
+        f.auth.invalidate(&Invalidation::Key(f.token)).await;
+        // ...is refused by validation wherever it is found, however late it is inserted.
+        assert!(!f.auth.entry_valid(&f.token, &entry));
+        f.auth.keys.insert(f.token, entry).await;
+        let lookups = f.auth.metrics.store_lookups.get();
+        f.auth.resolve(&f.token, &f.routes).await.expect("known");
+        assert_eq!(f.auth.metrics.store_lookups.get(), lookups + 1, "reloaded");
+    }
+
+    #[test]
+    fn stripes_spread() {
+        let a = TokenHash::of(b"a");
+        let b = TokenHash::of(b"b");
+        assert_ne!(key_stripe(&a), key_stripe(&b));
+        assert_ne!(user_stripe("alice"), user_stripe("bob"));
     }
 }

@@ -9,6 +9,11 @@
 //! - `cg:user:{<id>}:keys`: hash token hash -> JSON object of strings `key_id`, `slot`
 //!   (`1`/`2`, empty once deleted), `created_ms`, `expires_ms` (empty until deleted),
 //!   `last_used_ms` (empty: not tracked yet);
+//! - `cg:tok:<sha256-hex>`: string, JSON `user`, `parent` (key hash), `expires_ms` of an
+//!   access token (deprecated flow); `PEXPIREAT` just after its expiry;
+//! - `cg:user:{<id>}:tokens`: hash access-token hash -> JSON `parent`, `expires_ms` (the
+//!   user's tokens, for pruning and deletion); `cg:user:{<id>}:token_requests`: sorted
+//!   set of the last minute's token requests (rate limit), scored by time;
 //! - `cg:users`: set of user ids (for `users list`);
 //! - `cg:seq`: the invalidation sequence; channel `cg:invalidate`: `<seq> key <hash>`,
 //!   `<seq> user <id>`, `<seq> all`.
@@ -34,7 +39,8 @@ use serde::Deserialize;
 
 use super::records::{self, UserRecords};
 use super::{
-    Invalidation, NewUser, Resolved, Revocation, SecretKey, StoreError, TokenHash, User, UserType,
+    AccessToken, Invalidation, NewUser, Resolved, Revocation, SecretKey, StoreError, TokenHash,
+    User, UserType,
 };
 
 /// Shared by every script: key names, Redis' clock, key entries, pruning, announcing.
@@ -49,6 +55,9 @@ local function num(n) return string.format('%.0f', n) end
 local function user_key(id) return P .. 'user:{' .. id .. '}' end
 local function keys_key(id) return P .. 'user:{' .. id .. '}:keys' end
 local function token_key(h) return P .. 'key:' .. h end
+local function tokens_key(id) return P .. 'user:{' .. id .. '}:tokens' end
+local function requests_key(id) return P .. 'user:{' .. id .. '}:token_requests' end
+local function access_key(h) return P .. 'tok:' .. h end
 local function refused(msg) return {'refused', msg} end
 -- records::SecretKey::valid_at
 local function valid_at(k, now) return k.expires_ms == '' or tonumber(k.expires_ms) > now end
@@ -83,8 +92,27 @@ local function live_keys(id, now)
   end
   return live, dead
 end
-local function prune(id, dead)
+-- Drops the dead keys, and the access tokens that expired or whose parent is not among
+-- the live keys (records::UserRecords::prune).
+local function prune(id, now, live, dead)
   for _, k in ipairs(dead) do drop_key(id, k) end
+  local parents = {}
+  for _, k in ipairs(live) do parents[k.hash] = true end
+  local flat = redis.call('HGETALL', tokens_key(id))
+  for i = 1, #flat, 2 do
+    local t = cjson.decode(flat[i + 1])
+    if tonumber(t.expires_ms) <= now or not parents[t.parent] then
+      redis.call('HDEL', tokens_key(id), flat[i])
+      redis.call('DEL', access_key(flat[i]))
+    end
+  end
+end
+local function has_tokens(id, parent)
+  local flat = redis.call('HGETALL', tokens_key(id))
+  for i = 2, #flat, 2 do
+    if cjson.decode(flat[i]).parent == parent then return true end
+  end
+  return false
 end
 local function announce(what)
   local seq = redis.call('INCR', P .. 'seq')
@@ -92,17 +120,36 @@ local function announce(what)
 end
 "#;
 
-/// Token hash -> `{owner, key entry, user}` if the key works now; read-only.
+/// Token hash -> `{owner, key entry, user}` if it is a key that works now, or
+/// `{owner, parent key entry, user, deadline}` if it is a working access token
+/// (records::UserRecords::resolve); read-only.
 const LOOKUP: &str = r#"
 local h = ARGV[2]
+local now = now_ms()
 local id = redis.call('GET', token_key(h))
-if not id then return false end
-local raw = redis.call('HGET', keys_key(id), h)
+if id then
+  local raw = redis.call('HGET', keys_key(id), h)
+  if not raw or not valid_at(cjson.decode(raw), now) then return false end
+  local user = user_reply(id)
+  if #user == 0 then return false end
+  return {id, raw, user}
+end
+local t = redis.call('GET', access_key(h))
+if not t then return false end
+t = cjson.decode(t)
+if tonumber(t.expires_ms) <= now then return false end
+if redis.call('HEXISTS', tokens_key(t.user), h) == 0 then return false end
+local raw = redis.call('HGET', keys_key(t.user), t.parent)
 if not raw then return false end
-if not valid_at(cjson.decode(raw), now_ms()) then return false end
-local user = user_reply(id)
+local parent = cjson.decode(raw)
+if not valid_at(parent, now) then return false end
+local user = user_reply(t.user)
 if #user == 0 then return false end
-return {id, raw, user}
+local deadline = t.expires_ms
+if parent.expires_ms ~= '' and tonumber(parent.expires_ms) < tonumber(deadline) then
+  deadline = parent.expires_ms
+end
+return {t.user, raw, user, deadline}
 "#;
 
 /// `{now, exists, key entries}` of one user; read-only.
@@ -118,7 +165,7 @@ const CREATE_USER: &str = r#"
 local id = ARGV[2]
 if redis.call('EXISTS', user_key(id)) == 1 then return refused('user ' .. id .. ' already exists') end
 local now = now_ms()
-redis.call('DEL', keys_key(id))
+redis.call('DEL', keys_key(id), tokens_key(id), requests_key(id))
 redis.call('HSET', user_key(id), 'type', ARGV[3], 'tenant', ARGV[4], 'name', ARGV[5],
   'disabled', '0', 'grants', ARGV[6], 'created_ms', num(now))
 redis.call('SADD', P .. 'users', id)
@@ -131,8 +178,9 @@ const SET_DISABLED: &str = r#"
 local id = ARGV[2]
 local why = missing(id)
 if why then return refused(why) end
-local _, dead = live_keys(id, now_ms())
-prune(id, dead)
+local now = now_ms()
+local live, dead = live_keys(id, now)
+prune(id, now, live, dead)
 redis.call('HSET', user_key(id), 'disabled', ARGV[3])
 announce('user ' .. id)
 return {'ok', user_reply(id)}
@@ -155,8 +203,9 @@ if #add > 0 then
   table.sort(list)
   redis.call('HSET', user_key(id), 'grants', table.concat(list, ','))
 end
-local _, dead = live_keys(id, now_ms())
-prune(id, dead)
+local now = now_ms()
+local live, dead = live_keys(id, now)
+prune(id, now, live, dead)
 announce('user ' .. id)
 return {'ok', user_reply(id)}
 "#;
@@ -177,8 +226,9 @@ for _, g in ipairs(have) do
   if not gone[g] then list[#list + 1] = g end
 end
 redis.call('HSET', user_key(id), 'grants', table.concat(list, ','))
-local _, dead = live_keys(id, now_ms())
-prune(id, dead)
+local now = now_ms()
+local live, dead = live_keys(id, now)
+prune(id, now, live, dead)
 announce('user ' .. id)
 return {'ok', user_reply(id)}
 "#;
@@ -210,7 +260,7 @@ if not taken['1'] then slot = '1' elseif not taken['2'] then slot = '2' end
 if not slot then
   return refused('user ' .. id .. ' already has two active keys; delete one first')
 end
-prune(id, dead)
+prune(id, now, live, dead)
 local k = {hash = h, key_id = ARGV[4], slot = slot, created_ms = num(now), expires_ms = '',
   last_used_ms = ''}
 save_key(id, k)
@@ -236,7 +286,9 @@ for _, k in ipairs(live) do
   if k.slot == slot then victim = k end
 end
 if not victim then return refused('user ' .. id .. ' has no key ' .. slot) end
-prune(id, dead)
+-- Cached access tokens of this key must learn its deadline too: announce the user.
+local what = 'key ' .. victim.hash
+if has_tokens(id, victim.hash) then what = 'user ' .. id end
 victim.slot = ''
 victim.expires_ms = num(deadline)
 if slot == '1' then
@@ -251,9 +303,15 @@ if deadline > now then
   save_key(id, victim)
   redis.call('PEXPIREAT', token_key(victim.hash), num(deadline + 1))
 else
-  drop_key(id, victim)
+  local kept = {}
+  for _, k in ipairs(live) do
+    if k.hash ~= victim.hash then kept[#kept + 1] = k end
+  end
+  live = kept
+  dead[#dead + 1] = victim
 end
-announce('key ' .. victim.hash)
+prune(id, now, live, dead)
+announce(what)
 return {'ok', victim.hash, entry(victim)}
 "#;
 
@@ -263,12 +321,49 @@ local id = ARGV[2]
 local why = missing(id)
 if why then return refused(why) end
 local live, dead = live_keys(id, now_ms())
-prune(id, dead)
+for _, k in ipairs(dead) do drop_key(id, k) end
 for _, k in ipairs(live) do drop_key(id, k) end
-redis.call('DEL', keys_key(id), user_key(id))
+local flat = redis.call('HGETALL', tokens_key(id))
+for i = 1, #flat, 2 do redis.call('DEL', access_key(flat[i])) end
+redis.call('DEL', keys_key(id), tokens_key(id), requests_key(id), user_key(id))
 redis.call('SREM', P .. 'users', id)
 announce('user ' .. id)
 return {'ok'}
+"#;
+
+/// ARGV: prefix, id, parent key hash, token hash, lifetime ms, requests allowed per
+/// window, window ms. records::UserRecords::issue_token.
+const ISSUE_TOKEN: &str = r#"
+local id, parent, h = ARGV[2], ARGV[3], ARGV[4]
+local why = missing(id)
+if why then return refused(why) end
+local now = now_ms()
+local live, dead = live_keys(id, now)
+if redis.call('HGET', user_key(id), 'type') == 'ui'
+  or redis.call('HGET', user_key(id), 'disabled') == '1' then
+  return refused('user ' .. id .. ' cannot get access tokens')
+end
+local known = false
+for _, k in ipairs(live) do
+  if k.hash == parent then known = true end
+end
+if not known then return refused('the credentials are not a key of this user') end
+local limit, window = tonumber(ARGV[6]), tonumber(ARGV[7])
+local since = '(' .. num(now - window)
+if redis.call('ZCOUNT', requests_key(id), since, '+inf') >= limit then
+  local oldest = redis.call('ZRANGEBYSCORE', requests_key(id), since, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  return {'limited', num(math.max(tonumber(oldest[2]) + window - now, 1))}
+end
+prune(id, now, live, dead)
+redis.call('ZREMRANGEBYSCORE', requests_key(id), '-inf', num(now - window))
+redis.call('ZADD', requests_key(id), num(now), h)
+redis.call('PEXPIRE', requests_key(id), num(window))
+local expires = num(now + tonumber(ARGV[5]))
+redis.call('HSET', tokens_key(id), h, cjson.encode({parent = parent, expires_ms = expires}))
+redis.call('SET', access_key(h), cjson.encode({user = id, parent = parent, expires_ms = expires}))
+redis.call('PEXPIREAT', access_key(h), num(tonumber(expires) + 1))
+announce('key ' .. h)
+return {'ok', h, expires}
 "#;
 
 /// The scripts, each the prelude plus its body, loaded once per connection.
@@ -282,6 +377,7 @@ struct Scripts {
     add_key: Script,
     delete_key: Script,
     delete_user: Script,
+    issue_token: Script,
     /// Every script's source, for `SCRIPT LOAD` (`Script` does not give it back).
     sources: Vec<String>,
 }
@@ -305,6 +401,7 @@ impl Scripts {
             add_key: s(ADD_KEY),
             delete_key: s(DELETE_KEY),
             delete_user: s(DELETE_USER),
+            issue_token: s(ISSUE_TOKEN),
             sources,
         }
     }
@@ -484,6 +581,16 @@ impl RedisStore {
         let status = items.next().map(|v| string(v, what)).transpose()?;
         match status.as_deref() {
             Some("ok") => Ok(items.collect()),
+            Some("limited") => {
+                let ms = items
+                    .next()
+                    .map(|v| string(v, what))
+                    .transpose()?
+                    .unwrap_or_default();
+                Err(StoreError::RateLimited {
+                    retry_after_ms: parse_ms(&ms, what)?,
+                })
+            }
             Some("refused") => {
                 let msg = items
                     .next()
@@ -509,12 +616,18 @@ impl RedisStore {
             return Err(corrupt("lookup", "short reply"));
         };
         let id = string(id, "lookup")?;
+        // For an access token: its parent key, and the earlier of both deadlines.
         let key = decode_key(*hash, &string(raw, "lookup")?)?;
         let user = decode_user(&id, user)?;
+        let (deadline_ms, access_token) = match items.next() {
+            Some(d) => (Some(parse_ms(&string(d, "lookup")?, "lookup")?), true),
+            None => (key.expires_ms, false),
+        };
         Ok(Some(Resolved {
             user,
             key_id: key.key_id,
-            deadline_ms: key.expires_ms,
+            deadline_ms,
+            access_token,
         }))
     }
 
@@ -696,6 +809,47 @@ impl RedisStore {
             )
             .await?;
         key_payload(reply, "delete key")
+    }
+
+    /// Issues an access token (deprecated flow) for the user's key `parent`; at most
+    /// [`records::TOKEN_REQUESTS_PER_WINDOW`] per user per window.
+    pub async fn issue_access_token(
+        &self,
+        id: &str,
+        parent: TokenHash,
+        hash: TokenHash,
+        lifetime: Duration,
+    ) -> Result<AccessToken, StoreError> {
+        let lifetime_ms = u64::try_from(lifetime.as_millis())
+            .unwrap_or(u64::MAX)
+            .min(1 << 52)
+            .to_string();
+        let reply = self
+            .mutate(
+                "issue access token",
+                &self.scripts.issue_token,
+                id,
+                &[
+                    id,
+                    &parent.to_hex(),
+                    &hash.to_hex(),
+                    &lifetime_ms,
+                    &records::TOKEN_REQUESTS_PER_WINDOW.to_string(),
+                    &records::TOKEN_RATE_WINDOW_MS.to_string(),
+                ],
+            )
+            .await?;
+        let what = "issue access token";
+        let mut items = reply.into_iter();
+        let (Some(_), Some(expires)) = (items.next(), items.next()) else {
+            return Err(corrupt(what, "short reply"));
+        };
+        Ok(AccessToken {
+            hash,
+            user_id: id.to_string(),
+            parent,
+            expires_ms: parse_ms(&string(expires, what)?, what)?,
+        })
     }
 
     /// The current invalidation sequence number (0 before the first change).
