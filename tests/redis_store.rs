@@ -417,7 +417,12 @@ async fn a_thousand_concurrent_requests_for_one_uncached_key_make_one_lookup() {
     let backend = RecordingBackend::start().await;
     let store = admin(&redis).await;
     let key = api_user(&store, "alice", &["events"]).await;
-    let settings = GatewaySettings::new(&redis.url(), &backend.url());
+    // About coalescing, not timeouts: 1000 connections at once can starve a loaded
+    // machine for longer than the store timeout or the subscriber's ping allow, and a
+    // reconnect flush would (rightly) cause a second lookup.
+    let settings = GatewaySettings::new(&redis.url(), &backend.url())
+        .set("store", "timeout", "\"5s\"")
+        .set("auth", "invalidation_check_interval", "\"5s\"");
     let gw = start_gateway(&settings).await;
     let mut conn = redis.conn().await;
     let _: () = redis::cmd("CONFIG")
@@ -443,12 +448,26 @@ async fn a_thousand_concurrent_requests_for_one_uncached_key_make_one_lookup() {
             })
         })
         .collect();
+    let mut statuses = std::collections::BTreeMap::new();
     for r in join_all(requests).await {
-        assert_eq!(r.expect("request task"), 200);
+        *statuses.entry(r.expect("request task")).or_insert(0) += 1;
     }
+    assert_eq!(
+        statuses,
+        [(200, 1000)].into(),
+        "statuses of the 1000 requests"
+    );
     let lookups = evalsha_calls(&mut conn).await;
     eprintln!("1000 concurrent requests, one uncached key: {lookups} EVALSHA at Redis");
-    assert_eq!(lookups, 1, "store lookups seen by Redis");
+    let m = &gw.gate.metrics;
+    assert_eq!(
+        lookups,
+        1,
+        "store lookups seen by Redis (flushes: reconnect {}, seq check {}, seq gap {})",
+        m.flushes("subscriber reconnect"),
+        m.flushes("seq check"),
+        m.flushes("seq gap"),
+    );
     assert_eq!(gw.gate.metrics.store_lookups.get(), 1);
     backend
         .wait_for_requests(1000, Duration::from_secs(5))
@@ -467,7 +486,7 @@ async fn with_redis_down_cached_keys_work_unknown_get_503_deadlines_hold_then_it
     let settings = GatewaySettings::new(&redis.url(), &backend.url())
         .set("auth", "cache_ttl", "\"1s\"")
         .set("auth", "stale_if_error", "\"30s\"")
-        .set("store", "timeout", "\"300ms\"");
+        .set("store", "timeout", "\"1s\"");
     let gw = start_gateway(&settings).await;
     let metrics = &gw.gate.metrics;
     assert_eq!(status(&gw, EVENTS, &key1).await, 200);
@@ -529,7 +548,19 @@ async fn with_redis_down_cached_keys_work_unknown_get_503_deadlines_hold_then_it
         "restart of redis to a reconnected, flushed subscriber: {:?}",
         restarted.elapsed()
     );
-    assert_eq!(status(&gw, EVENTS, &key1).await, 200, "no key lost");
+    // The first lookups may still meet the old connection (503, never 401).
+    let started = Instant::now();
+    loop {
+        match status(&gw, EVENTS, &key1).await {
+            200 => break,
+            503 => assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "store lookups still failing 5 s after the reconnect"
+            ),
+            other => panic!("key 1 after the restart: {other} (a key was lost?)"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_refusal(
         &Req::post(EVENTS)
             .bearer("an-unknown-token")
@@ -551,8 +582,10 @@ async fn with_redis_down_cached_keys_work_unknown_get_503_deadlines_hold_then_it
         .await
         .expect("revoke after the restart");
     let took = refused_everywhere(&[&gw], EVENTS, &key1, 401, t0).await;
+    eprintln!("revocation after the restart refused in {took:?}");
+    // Announcements flow again (the 100 ms bound is shown by the healthy-Redis test).
     assert!(
-        took <= HEALTHY_BOUND,
+        took <= Duration::from_secs(1),
         "revocation after the restart: {took:?}"
     );
     gw.shutdown().await;

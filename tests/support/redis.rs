@@ -219,8 +219,9 @@ routes = ["GET /campaignapi/resources/v3/campaigns"]
 "#;
 
 impl GatewaySettings {
-    /// Listeners on `127.0.0.1:0`, the store at `store_url`, short intervals, no
-    /// failed-auth throttling (these tests count store lookups, not guesses).
+    /// Listeners on `127.0.0.1:0`, the store at `store_url`, a short check interval, a
+    /// store timeout generous enough for a loaded test machine, no failed-auth
+    /// throttling (these tests count store lookups, not guesses).
     pub fn new(store_url: &str, upstream: &str) -> GatewaySettings {
         GatewaySettings {
             values: BTreeMap::new(),
@@ -230,7 +231,7 @@ impl GatewaySettings {
         .set("admin", "listen", "\"127.0.0.1:0\"")
         .set("upstream", "url", &format!("{upstream:?}"))
         .set("store", "url", &format!("{store_url:?}"))
-        .set("store", "timeout", "\"500ms\"")
+        .set("store", "timeout", "\"2s\"")
         .set("auth", "invalidation_check_interval", "\"300ms\"")
         .set("auth", "failure_limit", "0")
     }
