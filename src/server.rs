@@ -29,6 +29,7 @@ use crate::forward::{Forwarder, GateBody, LimitedBody};
 use crate::headers::{self, X_REQUEST_ID};
 use crate::pipeline::{self, Policy};
 use crate::store::Store;
+use crate::store::file::FileStore;
 use crate::telemetry::Metrics;
 use crate::tls::Tls;
 use crate::tokens;
@@ -90,10 +91,7 @@ impl Gateway {
             .map_err(|e| format!("admin.listen {}: {e}", config.admin.listen))?;
         let addr = listeners[0].local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
-        let poll = config
-            .auth
-            .invalidation_check_interval
-            .min(Duration::from_millis(200));
+        let check_interval = config.auth.invalidation_check_interval;
         let tls = match &config.server.tls {
             Some(t) => Some(Tls::load(t)?),
             None => None,
@@ -114,7 +112,13 @@ impl Gateway {
                 gate.clone(),
                 shutdown_rx.clone(),
             )),
-            tokio::spawn(watch_store(gate.clone(), store, poll, shutdown_rx)),
+            tokio::spawn(watch_store(
+                gate.clone(),
+                store,
+                check_interval,
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(housekeeping(gate.clone(), shutdown_rx)),
         ]);
         Ok(Gateway {
             addr,
@@ -428,29 +432,64 @@ impl Conn {
     }
 }
 
-/// Applies store changes to the cache: for the `file:` store, polls the file.
+/// Applies store changes to the cache: for the `file:` store, polls the file; for Redis,
+/// follows the invalidation channel ([`crate::auth::invalidation`]). Latches `ready`.
 async fn watch_store(
     gate: Arc<Gate>,
     store: Store,
-    every: Duration,
+    check_interval: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    match store {
+        Store::File(file) => watch_file(&gate, &file, check_interval, &mut shutdown).await,
+        Store::Redis(redis) => {
+            crate::auth::invalidation::follow(
+                &redis,
+                &gate.auth,
+                &gate.metrics,
+                &gate.ready,
+                check_interval,
+                &mut shutdown,
+            )
+            .await;
+        }
+    }
+}
+
+/// Re-reads the store file when it changes (every 200 ms, or the check interval if
+/// shorter) and flushes the cache then.
+async fn watch_file(
+    gate: &Gate,
+    file: &FileStore,
+    check_interval: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) {
     gate.ready.store(true, Ordering::Release);
-    let mut tick = tokio::time::interval(every);
+    let mut tick = tokio::time::interval(check_interval.min(Duration::from_millis(200)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        match &store {
-            Store::File(file) => match file.reload_if_changed() {
-                Ok(true) => gate.auth.flush_all("store file changed"),
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "store file reload failed; keeping the last good copy")
-                }
-            },
+        match file.reload_if_changed() {
+            Ok(true) => gate.auth.flush_all("store file changed"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "store file reload failed; keeping the last good copy")
+            }
+        }
+    }
+}
+
+/// Once a second: re-reads the TLS files if they changed, and samples the cache size.
+async fn housekeeping(gate: Arc<Gate>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
         }
         if let Some(tls) = &gate.tls {
             match tls.reload_if_changed() {
