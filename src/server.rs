@@ -118,8 +118,11 @@ impl Gateway {
                 check_interval,
                 shutdown_rx.clone(),
             )),
-            tokio::spawn(housekeeping(gate.clone(), shutdown_rx)),
+            tokio::spawn(housekeeping(gate.clone(), shutdown_rx.clone())),
         ]);
+        if let Some(uses) = gate.auth.take_uses() {
+            tasks.push(tokio::spawn(record_uses(gate.clone(), uses, shutdown_rx)));
+        }
         Ok(Gateway {
             addr,
             admin_addr,
@@ -479,6 +482,34 @@ async fn watch_file(
                 tracing::warn!(error = %e, "store file reload failed; keeping the last good copy")
             }
         }
+    }
+}
+
+/// Writes key uses to the store in batches (at most one write a second), so that
+/// `keys list` can show when each key was last used.
+async fn record_uses(
+    gate: Arc<Gate>,
+    mut uses: tokio::sync::mpsc::Receiver<crate::store::KeyUse>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            n = uses.recv_many(&mut batch, 1024) => if n == 0 { return },
+            _ = shutdown.changed() => return,
+        }
+        // Gather what arrives within a second into the same write.
+        let until = tokio::time::Instant::now() + Duration::from_secs(1);
+        while batch.len() < 4096 {
+            tokio::select! {
+                n = uses.recv_many(&mut batch, 1024) => if n == 0 { break },
+                _ = tokio::time::sleep_until(until) => break,
+            }
+        }
+        if let Err(e) = gate.auth.store().record_uses(&batch).await {
+            tracing::warn!(error = %e, uses = batch.len(), "could not record key uses");
+        }
+        batch.clear();
     }
 }
 
