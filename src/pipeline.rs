@@ -184,17 +184,19 @@ fn method_is_upper_token(m: &Method) -> bool {
         .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_')
 }
 
-/// The bearer token of the request, or why there is none usable.
+/// The bearer token of the request, or why there is none usable. A token in the query
+/// is never used: alone it is no credential (401), beside the header it is ambiguous
+/// (400).
 pub fn credential(head: &request::Parts) -> Result<&[u8], Refusal> {
     let mut values = head.headers.get_all(AUTHORIZATION).iter();
     let first = values.next();
     if values.next().is_some() {
         return Err(Refusal::InvalidRequest);
     }
+    let value = first.ok_or(Refusal::MissingCredentials)?;
     if head.uri.query().is_some_and(query_has_token) {
         return Err(Refusal::InvalidRequest);
     }
-    let value = first.ok_or(Refusal::MissingCredentials)?;
     parse_bearer(value.as_bytes()).map_err(|_| Refusal::InvalidToken)
 }
 
@@ -307,6 +309,10 @@ mod tests {
         assert_eq!(
             credential(&head("GET", "/x?a=1&access_token=t", &["Bearer a"])),
             Err(Refusal::InvalidRequest)
+        );
+        assert_eq!(
+            credential(&head("GET", "/x?access_token=t", &[])),
+            Err(Refusal::MissingCredentials)
         );
         assert_eq!(
             credential(&head("GET", "/x?my_access_token=1", &["Bearer a"])),
