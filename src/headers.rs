@@ -84,26 +84,45 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// `X-Forwarded-*` names: the gateway sets them, so their `_` spellings go too.
+const FORWARDED: [HeaderName; 3] = [X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST];
+
 /// Removes method-override headers and every header that starts with the identity
 /// prefix (names in a `HeaderMap` are already lower-case, so any case sent is caught).
+///
+/// Spellings with `_` for `-` go as well (`x_campaign_user_id`, `x_http_method_override`,
+/// `x_forwarded_for`): CGI, WSGI, Rack and PHP backends map both `-` and `_` to `_`,
+/// so such a header would reach them as the one the gateway controls.
 pub fn strip_untrusted(headers: &mut HeaderMap, identity_prefix: &str) {
     for name in &METHOD_OVERRIDE {
         headers.remove(name);
     }
     let prefix = identity_prefix.as_bytes();
-    if headers
-        .keys()
-        .any(|k| k.as_str().as_bytes().starts_with(prefix))
-    {
-        let doomed: Vec<HeaderName> = headers
-            .keys()
-            .filter(|k| k.as_str().as_bytes().starts_with(prefix))
-            .cloned()
-            .collect();
+    let untrusted = |k: &HeaderName| {
+        let name = k.as_str().as_bytes();
+        if dashed_starts_with(name, prefix) {
+            return true;
+        }
+        name.contains(&b'_')
+            && METHOD_OVERRIDE.iter().chain(&FORWARDED).any(|m| {
+                name.len() == m.as_str().len() && dashed_starts_with(name, m.as_str().as_bytes())
+            })
+    };
+    if headers.keys().any(untrusted) {
+        let doomed: Vec<HeaderName> = headers.keys().filter(|k| untrusted(k)).cloned().collect();
         for name in doomed {
             headers.remove(name);
         }
     }
+}
+
+/// Whether `name` starts with `prefix` when each `_` of `name` is read as `-`.
+fn dashed_starts_with(name: &[u8], prefix: &[u8]) -> bool {
+    name.len() >= prefix.len()
+        && name
+            .iter()
+            .zip(prefix)
+            .all(|(&n, &p)| n == p || (n == b'_' && p == b'-'))
 }
 
 /// Sets `X-Forwarded-For/-Proto/-Host`: replaced for an untrusted peer, appended to for
@@ -273,6 +292,27 @@ mod tests {
         strip_untrusted(&mut h, "x-campaign-");
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-campaignx"]);
+    }
+
+    #[test]
+    fn underscore_spellings_of_controlled_names_removed() {
+        let mut h = map(&[
+            ("x_campaign_user_id", "evil"),
+            ("X-Campaign_Tenant", "evil"),
+            ("x_http_method_override", "DELETE"),
+            ("x_forwarded_for", "1.2.3.4"),
+            ("x_forwarded_host", "evil"),
+            ("x_campaignx", "kept: other prefix"),
+            ("x_forwarded_for_extra", "kept: another name"),
+            ("x_custom", "kept"),
+        ]);
+        strip_untrusted(&mut h, "x-campaign-");
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            vec!["x_campaignx", "x_custom", "x_forwarded_for_extra"]
+        );
     }
 
     #[test]

@@ -107,7 +107,8 @@ pub fn sanity<'a>(head: &'a request::Parts, policy: &Policy) -> Result<Cow<'a, s
 /// connection after the response. What is left to us:
 /// - `Transfer-Encoding` must be exactly one `chunked` (no `chunked, chunked`, no
 ///   `gzip, chunked`, no second header line);
-/// - `Content-Length` must be plain digits, and at most the body limit (413);
+/// - `Content-Length` must be plain digits without a leading zero, and at most the body
+///   limit (413);
 /// - exactly one well-formed `Host` on HTTP/1.1 (none needed on HTTP/1.0 and HTTP/2),
 ///   equal to the authority of an absolute-form target or `:authority`;
 /// - the target no longer than `max_uri_bytes` (414).
@@ -153,12 +154,18 @@ pub fn framing(head: &request::Parts, limits: &crate::config::ServerConfig) -> R
 }
 
 /// The declared body length. Several equal values count as one (hyper has already
-/// refused differing ones); anything but plain digits is refused.
+/// refused differing ones); anything but plain digits is refused, and so is a leading
+/// zero: the value is forwarded as sent, and a backend that reads `010` as octal would
+/// take 8 bytes of a 10-byte body and parse the rest as its next request.
 fn content_length(h: &http::HeaderMap) -> Result<Option<u64>, Refusal> {
     let mut result = None;
     for v in h.get_all(CONTENT_LENGTH) {
         let b = v.as_bytes();
-        if b.is_empty() || b.len() > 19 || !b.iter().all(u8::is_ascii_digit) {
+        if b.is_empty()
+            || b.len() > 19
+            || !b.iter().all(u8::is_ascii_digit)
+            || (b.len() > 1 && b[0] == b'0')
+        {
             return Err(Refusal::BadRequest);
         }
         let n = b.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
@@ -177,17 +184,19 @@ fn method_is_upper_token(m: &Method) -> bool {
         .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_')
 }
 
-/// The bearer token of the request, or why there is none usable.
+/// The bearer token of the request, or why there is none usable. A token in the query
+/// is never used: alone it is no credential (401), beside the header it is ambiguous
+/// (400).
 pub fn credential(head: &request::Parts) -> Result<&[u8], Refusal> {
     let mut values = head.headers.get_all(AUTHORIZATION).iter();
     let first = values.next();
     if values.next().is_some() {
         return Err(Refusal::InvalidRequest);
     }
+    let value = first.ok_or(Refusal::MissingCredentials)?;
     if head.uri.query().is_some_and(query_has_token) {
         return Err(Refusal::InvalidRequest);
     }
-    let value = first.ok_or(Refusal::MissingCredentials)?;
     parse_bearer(value.as_bytes()).map_err(|_| Refusal::InvalidToken)
 }
 
@@ -304,9 +313,27 @@ mod tests {
             Err(Refusal::InvalidRequest)
         );
         assert_eq!(
+            credential(&head("GET", "/x?access_token=t", &[])),
+            Err(Refusal::MissingCredentials)
+        );
+        assert_eq!(
             credential(&head("GET", "/x?my_access_token=1", &["Bearer a"])),
             Ok(&b"a"[..])
         );
+    }
+
+    #[test]
+    fn content_length_must_be_canonical_digits() {
+        let with_length = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(CONTENT_LENGTH, HeaderValue::from_str(v).expect("value"));
+            content_length(&h)
+        };
+        assert_eq!(with_length("0"), Ok(Some(0)));
+        assert_eq!(with_length("10"), Ok(Some(10)));
+        for bad in ["010", "00", "+5", "0x5", "-1", "5 ", ""] {
+            assert_eq!(with_length(bad), Err(Refusal::BadRequest), "{bad:?}");
+        }
     }
 
     #[test]

@@ -506,8 +506,15 @@ async fn record_uses(
                 _ = tokio::time::sleep_until(until) => break,
             }
         }
-        if let Err(e) = gate.auth.store().record_uses(&batch).await {
-            tracing::warn!(error = %e, uses = batch.len(), "could not record key uses");
+        match gate.auth.store().record_uses(&batch).await {
+            Ok(()) => {
+                let users: std::collections::BTreeSet<&str> =
+                    batch.iter().map(|u| u.user_id.as_str()).collect();
+                for _ in users {
+                    gate.metrics.key_use_writes.inc();
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, uses = batch.len(), "could not record key uses"),
         }
         batch.clear();
     }

@@ -144,6 +144,8 @@ pub struct Metrics {
     pub connections_refused: Counter,
     pub auth_throttled: Counter,
     pub tls_reloads: Counter,
+    /// Store writes of key uses (one per user per batch).
+    pub key_use_writes: Counter,
     pub tls_reload_errors: Counter,
     flushes: Mutex<Vec<(&'static str, u64)>>,
 }
@@ -203,7 +205,12 @@ impl Metrics {
             "campaign_gate_store_lookup_duration_seconds",
             "Store lookups on cache misses.",
         );
-        let counters: [(&str, &str, &Counter); 14] = [
+        let counters: [(&str, &str, &Counter); 15] = [
+            (
+                "campaign_gate_key_use_writes_total",
+                "Store writes recording when keys were last used (one per user per batch).",
+                &self.key_use_writes,
+            ),
             (
                 "campaign_gate_tls_reloads_total",
                 "TLS certificate reloads.",

@@ -140,6 +140,11 @@ pub struct FileStore {
     /// Orders this process's own writes and reloads, so that an older snapshot is never
     /// installed over a newer one. Never taken by readers.
     refresh: Mutex<()>,
+    /// Set when this process installed a version of the file that another process had
+    /// written (a write of ours re-reads the file first): the next
+    /// [`FileStore::reload_if_changed`] reports a change even though the stamp on disk
+    /// is then our own.
+    foreign_change: std::sync::atomic::AtomicBool,
 }
 
 impl FileStore {
@@ -153,6 +158,7 @@ impl FileStore {
             lock_path: PathBuf::from(lock_path),
             snapshot: ArcSwap::from_pointee(snapshot),
             refresh: Mutex::new(()),
+            foreign_change: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -305,9 +311,13 @@ impl FileStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(unavailable(&self.path, &e)),
         };
+        let take_foreign = || {
+            self.foreign_change
+                .swap(false, std::sync::atomic::Ordering::AcqRel)
+        };
         let snap = self.snapshot.load();
         if current == snap.stamp && !snap.racy() {
-            return Ok(false);
+            return Ok(take_foreign());
         }
         drop(snap);
         let _order = self.refresh.lock().unwrap_or_else(PoisonError::into_inner);
@@ -316,7 +326,7 @@ impl FileStore {
         let changed = loaded.stamp != snap.stamp || loaded.data.generation != snap.data.generation;
         drop(snap);
         self.install(loaded)?;
-        Ok(changed)
+        Ok(take_foreign() || changed)
     }
 
     /// Applies `change` to one existing user's records.
@@ -340,6 +350,7 @@ impl FileStore {
         let _order = self.refresh.lock().unwrap_or_else(PoisonError::into_inner);
         let lock = self.lock()?;
         let mut loaded = read_file(&self.path)?;
+        self.note_foreign(&loaded);
         let now = now_ms();
         let outcome = match change(&mut loaded.data, now) {
             Ok(v) => v,
@@ -420,6 +431,15 @@ impl FileStore {
         let snapshot = Snapshot::build(&self.path, loaded)?;
         self.snapshot.store(Arc::new(snapshot));
         Ok(())
+    }
+
+    /// Notes whether `loaded`, read under the lock before a change of ours, already
+    /// differs from what this process had: then someone else wrote in between.
+    fn note_foreign(&self, loaded: &Loaded) {
+        if loaded.data.generation != self.snapshot.load().data.generation {
+            self.foreign_change
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
     }
 }
 
@@ -685,6 +705,39 @@ mod tests {
         cli.delete_user("alice").expect("delete");
         assert!(server.reload_if_changed().expect("changed"));
         assert_eq!(server.lookup(&h).expect("lookup"), None);
+    }
+
+    /// A write of this process re-reads the file under the lock: a change another
+    /// process made just before must still be reported, or the cache over it would
+    /// never be flushed (a deleted user's cached keys would keep working).
+    #[test]
+    fn a_foreign_change_swallowed_by_our_own_write_is_still_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.json");
+        let cli = FileStore::open(&path).expect("cli");
+        let server = FileStore::open(&path).expect("server");
+        cli.create_user(new_user("alice", UserType::Api))
+            .expect("create");
+        let h = TokenHash::of(b"token");
+        cli.add_key("alice", h, "k1").expect("add");
+        assert!(server.reload_if_changed().expect("changed"));
+        assert!(!server.reload_if_changed().expect("settled"));
+
+        cli.delete_user("alice").expect("delete");
+        // The server writes before it polls: its write carries the deletion in.
+        server
+            .record_uses(&[KeyUse {
+                user_id: "alice".into(),
+                key_hash: h,
+                at_ms: 1,
+            }])
+            .expect("record");
+        assert_eq!(server.lookup(&h).expect("lookup"), None);
+        assert!(
+            server.reload_if_changed().expect("reload"),
+            "the deletion must be reported as a change"
+        );
+        assert!(!server.reload_if_changed().expect("settled"));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! are exactly what the test wrote), and [`raw`], bytes over a bare `TcpStream` for what
 //! a well-behaved client would never send.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,7 +12,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{Instant, timeout, timeout_at};
 
 use super::body::ChunkedBody;
@@ -192,6 +192,17 @@ pub struct RawReply {
 }
 
 impl RawReply {
+    /// Every complete response in the bytes, in order (pipelined requests get several).
+    pub fn responses(&self) -> Vec<Resp> {
+        let mut out = Vec::new();
+        let mut rest = &self.bytes[..];
+        while let Some((resp, used)) = parse_response(rest, self.closed) {
+            out.push(resp);
+            rest = &rest[used..];
+        }
+        out
+    }
+
     /// The first response in the bytes; panics if there is no complete one.
     pub fn response(&self) -> Resp {
         match parse_response(&self.bytes, self.closed) {
@@ -213,7 +224,30 @@ const CLOSE_LINGER: Duration = Duration::from_millis(300);
 /// a complete response has arrived and the connection then stayed quiet for a moment,
 /// or until [`EXCHANGE_TIMEOUT`] has passed.
 pub async fn raw(addr: SocketAddr, request: &[u8]) -> RawReply {
-    let mut stream = TcpStream::connect(addr).await.expect("connect to gateway");
+    let stream = TcpStream::connect(addr).await.expect("connect to gateway");
+    raw_on(stream, request).await
+}
+
+/// [`raw`] from the local address `from` (any of `127.0.0.0/8` on loopback), so that
+/// the gateway sees another client address.
+pub async fn raw_from(from: IpAddr, addr: SocketAddr, request: &[u8]) -> RawReply {
+    let stream = connect_from(from, addr).await.expect("connect to gateway");
+    raw_on(stream, request).await
+}
+
+/// A TCP connection to `addr` whose local address is `from` (port chosen by the OS).
+pub async fn connect_from(from: IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = match from {
+        IpAddr::V4(_) => TcpSocket::new_v4()?,
+        IpAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(from, 0))?;
+    socket.set_nodelay(true)?;
+    socket.connect(addr).await
+}
+
+/// [`raw`] on a connection the caller opened.
+pub async fn raw_on(mut stream: TcpStream, request: &[u8]) -> RawReply {
     let _ = stream.set_nodelay(true);
     let mut bytes = Vec::new();
     if let Err(e) = stream.write_all(request).await {

@@ -295,9 +295,16 @@ impl TestEnv {
     /// Starts `campaign-gate serve` as a child process and waits for its ready line.
     /// Its log (stderr) goes to [`TestEnv::serve_log_path`].
     pub fn spawn_serve(&self) -> ServeProcess {
+        self.spawn_serve_with_env(&[])
+    }
+
+    /// [`TestEnv::spawn_serve`] with extra environment variables for the server (e.g.
+    /// `CAMPAIGN_GATE_LOG=trace`).
+    pub fn spawn_serve_with_env(&self, vars: &[(&str, &str)]) -> ServeProcess {
         let log = std::fs::File::create(self.serve_log_path()).expect("create serve log");
         let mut child = self
             .command(&["serve"])
+            .envs(vars.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()

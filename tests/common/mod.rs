@@ -12,12 +12,13 @@ pub mod backend;
 pub mod body;
 pub mod client;
 pub mod env;
+pub mod hostile;
 pub mod refusal;
 pub mod wait;
 
 pub use backend::{RecordedRequest, RecordingBackend};
 pub use body::{ChunkedBody, payload, sha256_hex};
-pub use client::{RawReply, Req, Resp, parse_response, raw};
+pub use client::{RawReply, Req, Resp, connect_from, parse_response, raw, raw_from, raw_on};
 pub use env::{EVENTS, TENANT, TestEnv, assert_refused, describe, key_id_of};
 pub use refusal::{Refusal, assert_refusal};
 pub use wait::{TimedOut, unix_ms, until_unix_ms, wait_until};

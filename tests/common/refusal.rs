@@ -150,3 +150,32 @@ pub fn assert_refusal(resp: &Resp, expected: Refusal, case: &str) {
         shown()
     );
 }
+
+/// Framing the gateway itself refuses (beyond hyper's own checks).
+pub const BAD_REQUEST: Refusal = Refusal {
+    status: 400,
+    error: "bad_request",
+    code: 400,
+    www_authenticate: None,
+};
+
+pub const URI_TOO_LONG: Refusal = Refusal {
+    status: 414,
+    error: "uri_too_long",
+    code: 414,
+    www_authenticate: None,
+};
+
+pub const REQUEST_TIMEOUT: Refusal = Refusal {
+    status: 408,
+    error: "request_timeout",
+    code: 408,
+    www_authenticate: None,
+};
+
+pub const TOO_MANY_REQUESTS: Refusal = Refusal {
+    status: 429,
+    error: "too_many_requests",
+    code: 429,
+    www_authenticate: None,
+};

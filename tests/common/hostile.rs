@@ -1,0 +1,317 @@
+//! For the `hostile_*` tests: a gateway in front of a recording backend, assertions on
+//! one raw exchange (what the client got, whether the connection closed, what the
+//! backend received, header for header), a well-behaved client that keeps measuring
+//! answer times while an attack runs, and the admin `/metrics` counters.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use campaign_gate::server::Gateway;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::backend::{RecordedRequest, RecordingBackend};
+use super::client::{RawReply, Req, connect_from, parse_response, raw};
+use super::env::{TENANT, TestEnv, TestEnvBuilder, key_id_of};
+use super::refusal::{Refusal, assert_refusal};
+
+/// The `Host` every raw request of these tests sends.
+pub const HOST: &str = "gw.test";
+
+/// "Another address": the well-behaved client connects from here, the attacker from
+/// `127.0.0.1`.
+pub const OTHER_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+
+/// A gateway in front of a recording backend, with user `alice` (granted the APIs the
+/// test asked for) and her key.
+pub struct Fixture {
+    pub backend: RecordingBackend,
+    pub env: TestEnv,
+    pub gateway: Gateway,
+    pub token: String,
+}
+
+impl Fixture {
+    /// `alice` granted `grants`, default config.
+    pub async fn new(grants: &[&str]) -> Fixture {
+        Fixture::with(grants, |b| b).await
+    }
+
+    pub async fn with(
+        grants: &[&str],
+        configure: impl FnOnce(TestEnvBuilder) -> TestEnvBuilder,
+    ) -> Fixture {
+        let backend = RecordingBackend::start().await;
+        let env = configure(TestEnv::builder().upstream(&backend.url())).build();
+        let token = env.create_api_user("alice", grants);
+        let gateway = env.start_gateway().await;
+        Fixture {
+            backend,
+            env,
+            gateway,
+            token,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.gateway.addr
+    }
+
+    /// Sends `request` as is on a new connection.
+    pub async fn send(&self, request: impl AsRef<[u8]>) -> RawReply {
+        raw(self.gateway.addr, request.as_ref()).await
+    }
+
+    /// Asserts that `seen` is exactly `method target`, with exactly the headers the
+    /// gateway sets for `alice` calling `api` (Host [`HOST`], `X-Forwarded-*` for a
+    /// direct client, a request id, the four identity headers) plus `extra`, in any
+    /// order and nothing else.
+    #[track_caller]
+    pub fn assert_forwarded(
+        &self,
+        seen: &RecordedRequest,
+        method: &str,
+        target: &str,
+        api: &str,
+        extra: &[(&str, &str)],
+    ) {
+        assert_eq!(
+            (seen.method.as_str(), seen.target.as_str()),
+            (method, target),
+            "request line at the backend"
+        );
+        let request_id = seen.header("x-request-id").unwrap_or_default();
+        assert!(
+            !request_id.is_empty() && request_id.len() <= 128,
+            "x-request-id {request_id:?}"
+        );
+        let key_id = key_id_of(&self.token);
+        let mut expected: Vec<(String, String)> = [
+            ("host", HOST),
+            ("x-forwarded-for", "127.0.0.1"),
+            ("x-forwarded-proto", "http"),
+            ("x-forwarded-host", HOST),
+            ("x-request-id", request_id.as_str()),
+            ("x-campaign-user-id", "alice"),
+            ("x-campaign-tenant", TENANT),
+            ("x-campaign-api", api),
+            ("x-campaign-key-id", key_id.as_str()),
+        ]
+        .iter()
+        .chain(extra)
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect();
+        let mut actual: Vec<(String, String)> = seen
+            .headers
+            .iter()
+            .map(|(n, v)| (n.clone(), String::from_utf8_lossy(v).into_owned()))
+            .collect();
+        expected.sort();
+        actual.sort();
+        assert_eq!(actual, expected, "headers at the backend");
+    }
+}
+
+/// The reply is exactly one response, the refusal `expected` (JSON body as in the
+/// status table), and the gateway closed the connection after it iff `closed`.
+#[track_caller]
+pub fn assert_refused_reply(reply: &RawReply, expected: Refusal, closed: bool, case: &str) {
+    let responses = reply.responses();
+    assert_eq!(
+        responses.len(),
+        1,
+        "{case}: expected one response, got {:?}",
+        String::from_utf8_lossy(&reply.bytes)
+    );
+    assert_refusal(&responses[0], expected, case);
+    assert_eq!(reply.closed, closed, "{case}: connection closed");
+}
+
+/// hyper refused the request before the gateway saw it: exactly one response, `status`
+/// with an empty body (hyper writes it, so there is no JSON `error`), connection closed.
+#[track_caller]
+pub fn assert_refused_by_hyper(reply: &RawReply, status: u16, case: &str) {
+    let responses = reply.responses();
+    assert_eq!(
+        responses.len(),
+        1,
+        "{case}: expected one response, got {:?}",
+        String::from_utf8_lossy(&reply.bytes)
+    );
+    let resp = &responses[0];
+    assert_eq!(resp.status.as_u16(), status, "{case}: {resp:?}");
+    assert!(
+        resp.body.is_empty(),
+        "{case}: hyper's refusal has a body: {resp:?}"
+    );
+    assert!(reply.closed, "{case}: connection left open");
+}
+
+/// One successful (200) response and nothing else; whether the connection closed is
+/// returned for the caller to assert.
+#[track_caller]
+pub fn assert_one_ok(reply: &RawReply, case: &str) -> bool {
+    let responses = reply.responses();
+    assert_eq!(
+        responses.len(),
+        1,
+        "{case}: expected one response, got {:?}",
+        String::from_utf8_lossy(&reply.bytes)
+    );
+    assert_eq!(responses[0].status, 200, "{case}: {}", responses[0].text());
+    reply.closed
+}
+
+/// Only complete requests (whose body arrived whole) that the backend received.
+pub fn complete_requests(backend: &RecordingBackend) -> Vec<RecordedRequest> {
+    backend
+        .requests()
+        .into_iter()
+        .filter(|r| r.body.is_ok())
+        .collect()
+}
+
+/// A well-formed token of the generated shape that no store knows.
+pub fn unknown_token() -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(format!(
+        "{}:{}",
+        uuid::Uuid::new_v4(),
+        uuid::Uuid::new_v4()
+    ))
+}
+
+/// The value of an unlabelled metric on the admin listener.
+pub async fn metric(admin: SocketAddr, name: &str) -> u64 {
+    let resp = Req::get("/metrics").send(admin).await;
+    assert_eq!(resp.status, 200, "GET /metrics");
+    let text = resp.text();
+    text.lines()
+        .find_map(|line| {
+            let (n, v) = line.split_once(' ')?;
+            (n == name).then(|| v.trim().parse::<f64>().ok())?
+        })
+        .unwrap_or_else(|| panic!("metric {name} not found in:\n{text}")) as u64
+}
+
+/// A well-behaved client running beside an attack, on its own thread and runtime so
+/// that the attack's tasks do not delay it: from `from`, one request on a fresh
+/// connection every 20 ms, each timed from connect to the complete response.
+pub struct Prober {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<Result<Duration, String>>>,
+}
+
+/// How long the well-behaved client may wait for any one answer during an attack.
+pub const PROMPT: Duration = Duration::from_millis(100);
+
+impl Prober {
+    /// Sends `POST` [`super::EVENTS`] with `token`, which must be granted `events`.
+    /// Returns once a first, untimed request got its 200.
+    pub fn start(addr: SocketAddr, from: IpAddr, token: &str) -> Prober {
+        let stop = Arc::new(AtomicBool::new(false));
+        let request = format!(
+            "POST {} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}\r\n\
+             Content-Length: 2\r\nConnection: close\r\n\r\n{{}}",
+            super::EVENTS
+        );
+        let flag = stop.clone();
+        let (warm, warmed) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("prober runtime");
+            rt.block_on(async move {
+                // Untimed: the first request also fills the gateway's key cache and
+                // upstream pool, which is not what the attack is measured against.
+                let _ = warm.send(probe(addr, from, request.as_bytes()).await);
+                let mut out = Vec::new();
+                while !flag.load(Ordering::Relaxed) {
+                    out.push(probe(addr, from, request.as_bytes()).await);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                out
+            })
+        });
+        match warmed.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("the well-behaved client's first request failed: {e}"),
+            Err(e) => panic!("the well-behaved client did not start: {e}"),
+        }
+        Prober { stop, thread }
+    }
+
+    /// Stops the client and asserts that it sent at least `min` requests and that
+    /// every one got 200 within [`PROMPT`]. Returns the slowest answer time.
+    #[track_caller]
+    pub fn finish(self, min: usize, context: &str) -> Duration {
+        self.stop.store(true, Ordering::Relaxed);
+        let results = self.thread.join().expect("prober thread");
+        assert!(
+            results.len() >= min,
+            "{context}: the well-behaved client made only {} requests",
+            results.len()
+        );
+        let mut slowest = Duration::ZERO;
+        for (i, r) in results.iter().enumerate() {
+            match r {
+                Ok(took) => {
+                    assert!(
+                        *took < PROMPT,
+                        "{context}: well-behaved request {i} of {} took {took:?}; all, in ms: {:?}",
+                        results.len(),
+                        results
+                            .iter()
+                            .map(|r| r.as_ref().map(Duration::as_millis))
+                            .collect::<Vec<_>>()
+                    );
+                    slowest = slowest.max(*took);
+                }
+                Err(e) => panic!("{context}: well-behaved request {i} failed: {e}"),
+            }
+        }
+        slowest
+    }
+}
+
+async fn probe(addr: SocketAddr, from: IpAddr, request: &[u8]) -> Result<Duration, String> {
+    let started = Instant::now();
+    let exchange = async {
+        let mut stream = connect_from(from, addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        stream
+            .write_all(request)
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut bytes = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream
+                .read(&mut buf)
+                .await
+                .map_err(|e| format!("read: {e}"))?;
+            bytes.extend_from_slice(&buf[..n]);
+            if let Some((resp, _)) = parse_response(&bytes, n == 0) {
+                return if resp.status == 200 {
+                    Ok(())
+                } else {
+                    Err(format!("status {}: {}", resp.status, resp.text()))
+                };
+            }
+            if n == 0 {
+                return Err(format!(
+                    "closed after {:?}",
+                    String::from_utf8_lossy(&bytes)
+                ));
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(5), exchange).await {
+        Ok(Ok(())) => Ok(started.elapsed()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("no answer within 5 s".to_string()),
+    }
+}
