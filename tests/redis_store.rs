@@ -411,6 +411,35 @@ async fn a_subscriber_that_stops_answering_is_replaced() {
     gw.shutdown().await;
 }
 
+/// `n` requests with `token`, released together; their statuses and how many had each.
+async fn burst(
+    addr: std::net::SocketAddr,
+    token: &str,
+    n: usize,
+) -> std::collections::BTreeMap<u16, usize> {
+    let go = Arc::new(tokio::sync::Barrier::new(n));
+    let requests: Vec<_> = (0..n)
+        .map(|_| {
+            let token = token.to_string();
+            let go = go.clone();
+            tokio::spawn(async move {
+                go.wait().await;
+                Req::post(EVENTS)
+                    .bearer(&token)
+                    .send(addr)
+                    .await
+                    .status
+                    .as_u16()
+            })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::new();
+    for r in join_all(requests).await {
+        *statuses.entry(r.expect("request task")).or_insert(0) += 1;
+    }
+    statuses
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_requests_for_one_uncached_key_make_one_lookup() {
     let redis = RedisServer::start();
@@ -431,46 +460,79 @@ async fn a_thousand_concurrent_requests_for_one_uncached_key_make_one_lookup() {
         .await
         .expect("CONFIG RESETSTAT");
 
+    let lookups = evalsha_calls(&mut conn).await;
+    let statuses = burst(gw.addr, &key, 1000).await;
+    assert_eq!(statuses, [(200, 1000)].into(), "statuses, uncached");
+    let uncached = evalsha_calls(&mut conn).await - lookups;
+
+    // The same once more right after a flush: every copy is stale, in moka and in each
+    // worker's front map, and 1000 requests find it so at once.
+    gw.gate.auth.flush_all("test");
+    let statuses = burst(gw.addr, &key, 1000).await;
+    assert_eq!(statuses, [(200, 1000)].into(), "statuses, after a flush");
+    let flushed = evalsha_calls(&mut conn).await - lookups - uncached;
+
+    // And once more with a flush *during* the lookup (Redis held by DEBUG SLEEP): the
+    // 1000 waiters all get an answer that the flush voided; one more lookup, not 1000.
+    let before = evalsha_calls(&mut conn).await;
+    let lookups_started = gw.gate.metrics.store_lookups.get();
+    gw.gate.auth.flush_all("test");
+    let sleeper = redis.client();
+    let sleep = tokio::spawn(async move {
+        let mut c = sleeper
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        // Give the burst time to gather behind the held lookup.
+        redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg("0.5")
+            .query_async::<()>(&mut c)
+            .await
+    });
     let addr = gw.addr;
-    let go = Arc::new(tokio::sync::Barrier::new(1000));
-    let requests: Vec<_> = (0..1000)
-        .map(|_| {
-            let key = key.clone();
-            let go = go.clone();
-            tokio::spawn(async move {
-                go.wait().await;
-                Req::post(EVENTS)
-                    .bearer(&key)
-                    .send(addr)
-                    .await
-                    .status
-                    .as_u16()
-            })
-        })
-        .collect();
-    let mut statuses = std::collections::BTreeMap::new();
-    for r in join_all(requests).await {
-        *statuses.entry(r.expect("request task")).or_insert(0) += 1;
-    }
+    let key_for_burst = key.clone();
+    let raced = tokio::spawn(async move { burst(addr, &key_for_burst, 1000).await });
+    wait_until(Duration::from_secs(5), || async {
+        gw.gate.metrics.store_lookups.get() > lookups_started
+    })
+    .await
+    .expect("the lookup started");
+    gw.gate.auth.flush_all("test");
+    sleep.await.expect("sleep task").expect("DEBUG SLEEP");
+    let statuses = raced.await.expect("burst");
     assert_eq!(
         statuses,
         [(200, 1000)].into(),
-        "statuses of the 1000 requests"
+        "statuses, flushed mid-lookup"
     );
-    let lookups = evalsha_calls(&mut conn).await;
-    eprintln!("1000 concurrent requests, one uncached key: {lookups} EVALSHA at Redis");
-    let m = &gw.gate.metrics;
+    let raced = evalsha_calls(&mut conn).await - before;
+
+    eprintln!(
+        "1000 concurrent requests, one key: {uncached} EVALSHA at Redis uncached, \
+         {flushed} after a flush, {raced} with a flush during the lookup"
+    );
     assert_eq!(
-        lookups,
-        1,
-        "store lookups seen by Redis (flushes: reconnect {}, seq check {}, seq gap {})",
+        raced, 2,
+        "lookups for one key flushed mid-lookup: the voided one, one more"
+    );
+    let m = &gw.gate.metrics;
+    let flushes = format!(
+        "flushes: reconnect {}, seq check {}, seq gap {}",
         m.flushes("subscriber reconnect"),
         m.flushes("seq check"),
         m.flushes("seq gap"),
     );
-    assert_eq!(gw.gate.metrics.store_lookups.get(), 1);
+    assert_eq!(
+        uncached, 1,
+        "store lookups seen by Redis, uncached ({flushes})"
+    );
+    assert_eq!(
+        flushed, 1,
+        "store lookups seen by Redis, after a flush ({flushes})"
+    );
     backend
-        .wait_for_requests(1000, Duration::from_secs(5))
+        .wait_for_requests(3000, Duration::from_secs(5))
         .await
         .expect("all forwarded");
     gw.shutdown().await;
