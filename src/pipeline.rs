@@ -231,7 +231,9 @@ pub async fn admit<'a>(
             return Err(Refusal::AuthUnavailable { retry_after_s: 1 }.into());
         }
     };
-    authorize(head, path, principal, &policy.routes)
+    let admitted = authorize(head, path, principal, &policy.routes)?;
+    auth.note_use(&admitted.principal, now);
+    Ok(admitted)
 }
 
 /// Route and grant checks for an authenticated principal.

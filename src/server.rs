@@ -116,9 +116,13 @@ impl Gateway {
                 gate.clone(),
                 store,
                 check_interval,
-                shutdown_rx,
+                shutdown_rx.clone(),
             )),
+            tokio::spawn(housekeeping(gate.clone(), shutdown_rx.clone())),
         ]);
+        if let Some(uses) = gate.auth.take_uses() {
+            tasks.push(tokio::spawn(record_uses(gate.clone(), uses, shutdown_rx)));
+        }
         Ok(Gateway {
             addr,
             admin_addr,
@@ -433,71 +437,38 @@ impl Conn {
 
 /// Applies store changes to the cache: for the `file:` store, polls the file; for Redis,
 /// follows the invalidation channel ([`crate::auth::invalidation`]). Latches `ready`.
-/// Also reloads the TLS certificate when its files change.
 async fn watch_store(
     gate: Arc<Gate>,
     store: Store,
     check_interval: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let poll = check_interval.min(Duration::from_millis(200));
-    let tls = watch_tls(&gate, poll, shutdown.clone());
-    let store = async {
-        match store {
-            Store::File(file) => watch_file(&gate, &file, poll, &mut shutdown).await,
-            Store::Redis(redis) => {
-                crate::auth::invalidation::follow(
-                    &redis,
-                    &gate.auth,
-                    &gate.metrics,
-                    &gate.ready,
-                    check_interval,
-                    &mut shutdown,
-                )
-                .await;
-            }
-        }
-    };
-    tokio::join!(tls, store);
-}
-
-/// Reloads the TLS certificate when its files change (checked every `poll`); a bad new
-/// one is refused and the old one kept.
-async fn watch_tls(gate: &Gate, poll: Duration, mut shutdown: watch::Receiver<bool>) {
-    let Some(tls) = &gate.tls else {
-        return;
-    };
-    let mut tick = tokio::time::interval(poll);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
-        }
-        match tls.reload_if_changed() {
-            Ok(true) => {
-                gate.metrics.tls_reloads.inc();
-                tracing::info!("TLS certificate reloaded");
-            }
-            Ok(false) => {}
-            Err(e) => {
-                gate.metrics.tls_reload_errors.inc();
-                tracing::error!(error = %e, "TLS reload refused; keeping the old certificate");
-            }
+    match store {
+        Store::File(file) => watch_file(&gate, &file, check_interval, &mut shutdown).await,
+        Store::Redis(redis) => {
+            crate::auth::invalidation::follow(
+                &redis,
+                &gate.auth,
+                &gate.metrics,
+                &gate.ready,
+                check_interval,
+                &mut shutdown,
+            )
+            .await;
         }
     }
 }
 
-/// Re-reads the store file when it changes (checked every `poll`) and flushes the cache
-/// then.
+/// Re-reads the store file when it changes (every 200 ms, or the check interval if
+/// shorter) and flushes the cache then.
 async fn watch_file(
     gate: &Gate,
     file: &FileStore,
-    poll: Duration,
+    check_interval: Duration,
     shutdown: &mut watch::Receiver<bool>,
 ) {
     gate.ready.store(true, Ordering::Release);
-    let mut tick = tokio::time::interval(poll);
+    let mut tick = tokio::time::interval(check_interval.min(Duration::from_millis(200)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -509,6 +480,59 @@ async fn watch_file(
             Ok(false) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "store file reload failed; keeping the last good copy")
+            }
+        }
+    }
+}
+
+/// Writes key uses to the store in batches (at most one write a second), so that
+/// `keys list` can show when each key was last used.
+async fn record_uses(
+    gate: Arc<Gate>,
+    mut uses: tokio::sync::mpsc::Receiver<crate::store::KeyUse>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            n = uses.recv_many(&mut batch, 1024) => if n == 0 { return },
+            _ = shutdown.changed() => return,
+        }
+        // Gather what arrives within a second into the same write.
+        let until = tokio::time::Instant::now() + Duration::from_secs(1);
+        while batch.len() < 4096 {
+            tokio::select! {
+                n = uses.recv_many(&mut batch, 1024) => if n == 0 { break },
+                _ = tokio::time::sleep_until(until) => break,
+            }
+        }
+        if let Err(e) = gate.auth.store().record_uses(&batch).await {
+            tracing::warn!(error = %e, uses = batch.len(), "could not record key uses");
+        }
+        batch.clear();
+    }
+}
+
+/// Once a second: re-reads the TLS files if they changed, and samples the cache size.
+async fn housekeeping(gate: Arc<Gate>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if let Some(tls) = &gate.tls {
+            match tls.reload_if_changed() {
+                Ok(true) => {
+                    gate.metrics.tls_reloads.inc();
+                    tracing::info!("TLS certificate reloaded");
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    gate.metrics.tls_reload_errors.inc();
+                    tracing::error!(error = %e, "TLS reload refused; keeping the old certificate");
+                }
             }
         }
         gate.metrics.cache_entries.set(gate.auth.entry_count());

@@ -266,3 +266,27 @@ async fn imported_token_of_512_bytes_is_accepted() {
     assert_eq!(seen.header("x-campaign-user-id").as_deref(), Some("legacy"));
     gateway.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_list_shows_when_a_key_was_last_used() {
+    let backend = RecordingBackend::start().await;
+    let env = TestEnv::with_upstream(&backend.url());
+    let key = env.create_api_user("alice", &["events"]);
+    let last_used =
+        |env: &TestEnv| env.cli_json(&["keys", "list", "alice"])[0]["last_used_ms"].as_u64();
+    assert_eq!(last_used(&env), None);
+    let gateway = env.start_gateway().await;
+    let before = unix_ms();
+    assert_eq!(status(gateway.addr, &key).await, 200);
+    let recorded = wait_until(Duration::from_secs(3), || async {
+        last_used(&env).is_some()
+    })
+    .await;
+    assert!(recorded.is_ok(), "the use was not recorded within 3 s");
+    let at = last_used(&env).expect("recorded");
+    assert!(
+        at >= before && at <= unix_ms(),
+        "{at} not within the request"
+    );
+    gateway.shutdown().await;
+}

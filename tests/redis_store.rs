@@ -411,6 +411,33 @@ async fn a_subscriber_that_stops_answering_is_replaced() {
     gw.shutdown().await;
 }
 
+/// Waits until the gateway has written a use of `token` at or after `since_ms` (once a
+/// minute per loaded principal, by a script: it shows in `EVALSHA` counts). Reads with
+/// `HGET`, not a script.
+async fn last_use_recorded(redis: &RedisServer, user: &str, token: &str, since_ms: u64) {
+    let conn = redis.conn().await;
+    let (keys, field) = (format!("cg:user:{{{user}}}:keys"), hex(token));
+    wait_until(Duration::from_secs(5), || {
+        let mut conn = conn.clone();
+        let (keys, field) = (keys.clone(), field.clone());
+        async move {
+            let raw: String = redis::cmd("HGET")
+                .arg(keys)
+                .arg(field)
+                .query_async(&mut conn)
+                .await
+                .expect("key entry");
+            let entry: serde_json::Value = serde_json::from_str(&raw).expect("JSON entry");
+            entry["last_used_ms"]
+                .as_str()
+                .and_then(|ms| ms.parse::<u64>().ok())
+                .is_some_and(|ms| ms >= since_ms)
+        }
+    })
+    .await
+    .expect("the key's use is recorded");
+}
+
 /// `n` requests with `token`, released together; their statuses and how many had each.
 async fn burst(
     addr: std::net::SocketAddr,
@@ -460,20 +487,28 @@ async fn a_thousand_concurrent_requests_for_one_uncached_key_make_one_lookup() {
         .await
         .expect("CONFIG RESETSTAT");
 
-    let lookups = evalsha_calls(&mut conn).await;
+    // Each phase's loaded principal also records its key's use once (one more script
+    // call): wait for that write, and count it out.
+    let started = unix_ms();
+    let before = evalsha_calls(&mut conn).await;
     let statuses = burst(gw.addr, &key, 1000).await;
     assert_eq!(statuses, [(200, 1000)].into(), "statuses, uncached");
-    let uncached = evalsha_calls(&mut conn).await - lookups;
+    last_use_recorded(&redis, "alice", &key, started).await;
+    let uncached = evalsha_calls(&mut conn).await - before - 1;
 
     // The same once more right after a flush: every copy is stale, in moka and in each
     // worker's front map, and 1000 requests find it so at once.
     gw.gate.auth.flush_all("test");
+    let started = unix_ms();
+    let before = evalsha_calls(&mut conn).await;
     let statuses = burst(gw.addr, &key, 1000).await;
     assert_eq!(statuses, [(200, 1000)].into(), "statuses, after a flush");
-    let flushed = evalsha_calls(&mut conn).await - lookups - uncached;
+    last_use_recorded(&redis, "alice", &key, started).await;
+    let flushed = evalsha_calls(&mut conn).await - before - 1;
 
     // And once more with a flush *during* the lookup (Redis held by DEBUG SLEEP): the
     // 1000 waiters all get an answer that the flush voided; one more lookup, not 1000.
+    let started = unix_ms();
     let before = evalsha_calls(&mut conn).await;
     let lookups_started = gw.gate.metrics.store_lookups.get();
     gw.gate.auth.flush_all("test");
@@ -506,7 +541,8 @@ async fn a_thousand_concurrent_requests_for_one_uncached_key_make_one_lookup() {
         [(200, 1000)].into(),
         "statuses, flushed mid-lookup"
     );
-    let raced = evalsha_calls(&mut conn).await - before;
+    last_use_recorded(&redis, "alice", &key, started).await;
+    let raced = evalsha_calls(&mut conn).await - before - 1;
 
     eprintln!(
         "1000 concurrent requests, one key: {uncached} EVALSHA at Redis uncached, \
@@ -828,7 +864,10 @@ async fn ten_thousand_random_unknown_keys_make_a_bounded_number_of_lookups() {
     let metrics = &gw.gate.metrics;
     let addr = gw.addr;
     let client = pooled_client();
+    let started = unix_ms();
     assert_eq!(pooled_events(&client, addr, &valid).await.0, 200);
+    // Its use is written now, not during the count below.
+    last_use_recorded(&redis, "alice", &valid, started).await;
     let mut conn = redis.conn().await;
     let _: () = redis::cmd("CONFIG")
         .arg("RESETSTAT")

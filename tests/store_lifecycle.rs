@@ -485,3 +485,84 @@ async fn lifecycle_on_the_redis_store() {
     let redis = RedisServer::start();
     lifecycle(redis_store(&redis).await).await;
 }
+
+/// Key uses recorded by the gateway show as `last_used_ms`; a time never moves back,
+/// an access token's use counts for its parent key, unknown users and keys are skipped.
+async fn key_uses(store: Store) {
+    use campaign_gate::store::KeyUse;
+    store
+        .create_user(user("alice", UserType::Api, &["events"]))
+        .await
+        .expect("create");
+    let (hash, key_id) = new_key();
+    store.add_key("alice", hash, &key_id).await.expect("key");
+    let listed = store.keys("alice").await.expect("keys");
+    assert_eq!(listed[0].last_used_ms, None);
+
+    let at = now_ms();
+    let uses = [
+        KeyUse {
+            user_id: "alice".into(),
+            key_hash: hash,
+            at_ms: at,
+        },
+        KeyUse {
+            user_id: "nobody".into(),
+            key_hash: hash,
+            at_ms: at,
+        },
+        KeyUse {
+            user_id: "alice".into(),
+            key_hash: new_key().0,
+            at_ms: at,
+        },
+    ];
+    store.record_uses(&uses).await.expect("record");
+    assert_eq!(
+        store.keys("alice").await.expect("keys")[0].last_used_ms,
+        Some(at)
+    );
+
+    let earlier = [KeyUse {
+        user_id: "alice".into(),
+        key_hash: hash,
+        at_ms: at - 1000,
+    }];
+    store.record_uses(&earlier).await.expect("record");
+    assert_eq!(
+        store.keys("alice").await.expect("keys")[0].last_used_ms,
+        Some(at)
+    );
+
+    // An access token resolves to its parent key's hash, which is what gets recorded.
+    let (token, _) = generate_secret_key();
+    let token = TokenHash::of(token.as_bytes());
+    store
+        .issue_access_token("alice", hash, token, Duration::from_secs(60))
+        .await
+        .expect("token");
+    let resolved = store.lookup(&token).await.expect("lookup").expect("known");
+    assert!(resolved.access_token);
+    assert_eq!(resolved.key_hash, hash);
+    assert_eq!(
+        store
+            .lookup(&hash)
+            .await
+            .expect("lookup")
+            .expect("known")
+            .key_hash,
+        hash
+    );
+}
+
+#[tokio::test]
+async fn key_uses_on_the_file_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    key_uses(file_store(&dir).await).await;
+}
+
+#[tokio::test]
+async fn key_uses_on_the_redis_store() {
+    let redis = RedisServer::start();
+    key_uses(redis_store(&redis).await).await;
+}

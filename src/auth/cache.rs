@@ -31,12 +31,12 @@ use std::time::{Duration, Instant};
 use http::HeaderValue;
 use moka::Expiry;
 use moka::future::Cache;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 
 use crate::auth::throttle::Throttle;
 use crate::config::AuthConfig;
 use crate::routes::{ApiSet, RouteTable};
-use crate::store::{Invalidation, Resolved, Store, StoreError, TokenHash, UserType};
+use crate::store::{Invalidation, KeyUse, Resolved, Store, StoreError, TokenHash, UserType};
 use crate::telemetry::Metrics;
 
 /// Number of generation stripes (a power of two).
@@ -76,6 +76,10 @@ pub struct Principal {
     pub deadline_ms: Option<u64>,
     /// Authenticated by an access token of the deprecated flow, not a secret key.
     pub access_token: bool,
+    /// The secret key this token stands for (an access token's parent).
+    key_hash: TokenHash,
+    /// When a use of this key was last queued for recording (ms; 0 = never).
+    use_noted_ms: AtomicU64,
     /// Served from a cache until this instant (ms): fetch time + `cache_ttl`.
     fresh_until_ms: u64,
     stamp: Stamp,
@@ -95,6 +99,8 @@ impl Principal {
             grants: routes.compile_grants(&r.user.grants),
             deadline_ms: r.deadline_ms,
             access_token: r.access_token,
+            key_hash: r.key_hash,
+            use_noted_ms: AtomicU64::new(0),
             fresh_until_ms,
             stamp: Stamp {
                 global: 0,
@@ -246,7 +252,12 @@ pub struct Authenticator {
     metrics: Arc<Metrics>,
     /// Failed-authentication throttling per client address.
     pub throttle: Throttle,
+    uses: mpsc::Sender<KeyUse>,
+    uses_rx: std::sync::Mutex<Option<mpsc::Receiver<KeyUse>>>,
 }
+
+/// How often a key's use is recorded at most (per key, per replica).
+pub const USE_RESOLUTION_MS: u64 = 60_000;
 
 impl Authenticator {
     pub fn new(
@@ -266,6 +277,7 @@ impl Authenticator {
             .max_capacity(cfg.cache_capacity)
             .time_to_live(cfg.stale_if_error.max(Duration::from_millis(1)))
             .build_with_hasher(TokenHashBuilder);
+        let (uses, uses_rx) = mpsc::channel(4096);
         Authenticator {
             id: NEXT_AUTHENTICATOR_ID.fetch_add(1, Ordering::Relaxed),
             keys,
@@ -279,7 +291,36 @@ impl Authenticator {
             lookups: Semaphore::new(MAX_INFLIGHT_LOOKUPS),
             metrics,
             throttle: Throttle::new(cfg.failure_limit, cfg.failure_window, 100_000),
+            uses,
+            uses_rx: std::sync::Mutex::new(Some(uses_rx)),
         }
+    }
+
+    /// Queues a use of the principal's key for recording, at most once per
+    /// [`USE_RESOLUTION_MS`]: on the request path this is one atomic load. A full queue
+    /// drops the use (the next one a minute later records it).
+    pub fn note_use(&self, p: &Principal, now: u64) {
+        let noted = p.use_noted_ms.load(Ordering::Relaxed);
+        if now < noted.saturating_add(USE_RESOLUTION_MS)
+            || p.use_noted_ms
+                .compare_exchange(noted, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let _ = self.uses.try_send(KeyUse {
+            user_id: p.user_id.to_string(),
+            key_hash: p.key_hash,
+            at_ms: now,
+        });
+    }
+
+    /// The queue of key uses, for the one task that writes them to the store.
+    pub fn take_uses(&self) -> Option<mpsc::Receiver<KeyUse>> {
+        self.uses_rx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     pub fn store(&self) -> &Store {

@@ -23,7 +23,9 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
 use super::records::UserRecords;
-use super::{AccessToken, NewUser, Resolved, Revocation, SecretKey, StoreError, TokenHash, User};
+use super::{
+    AccessToken, KeyUse, NewUser, Resolved, Revocation, SecretKey, StoreError, TokenHash, User,
+};
 
 /// The only file format this version reads and writes.
 const FORMAT_VERSION: u32 = 1;
@@ -162,12 +164,27 @@ impl FileStore {
         };
         Ok(records
             .resolve(hash, now_ms())
-            .map(|(key_id, deadline_ms, access_token)| Resolved {
+            .map(|(key_id, deadline_ms, parent)| Resolved {
                 user: records.user.clone(),
                 key_id,
                 deadline_ms,
-                access_token,
+                access_token: parent.is_some(),
+                key_hash: parent.unwrap_or(*hash),
             }))
+    }
+
+    pub fn record_uses(&self, uses: &[KeyUse]) -> Result<(), StoreError> {
+        if uses.is_empty() {
+            return Ok(());
+        }
+        self.mutate(|data, _| {
+            for u in uses {
+                if let Some(r) = data.users.get_mut(&u.user_id) {
+                    r.record_use(&u.key_hash, u.at_ms);
+                }
+            }
+            Ok(())
+        })
     }
 
     pub fn issue_access_token(

@@ -172,6 +172,17 @@ pub struct Resolved {
     pub deadline_ms: Option<u64>,
     /// Whether the token is an access token of the deprecated flow (not a secret key).
     pub access_token: bool,
+    /// The secret key this token stands for: itself, or an access token's parent.
+    pub key_hash: TokenHash,
+}
+
+/// A key seen in use: recorded as its `last_used_ms` (batched, at most about once a
+/// minute per key and replica).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyUse {
+    pub user_id: String,
+    pub key_hash: TokenHash,
+    pub at_ms: u64,
 }
 
 /// Fields of a new user.
@@ -340,6 +351,15 @@ impl Store {
         match self {
             Store::File(s) => s.issue_access_token(id, parent, hash, lifetime),
             Store::Redis(s) => s.issue_access_token(id, parent, hash, lifetime).await,
+        }
+    }
+
+    /// Records when keys were last used (never moves a time backwards; unknown users and
+    /// keys are skipped). Changes nothing that a cache depends on, so announces nothing.
+    pub async fn record_uses(&self, uses: &[KeyUse]) -> Result<(), StoreError> {
+        match self {
+            Store::File(s) => s.record_uses(uses),
+            Store::Redis(s) => s.record_uses(uses).await,
         }
     }
 

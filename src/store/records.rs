@@ -78,14 +78,18 @@ impl UserRecords {
     }
 
     /// What `hash` authenticates as at `now_ms`, if it is one of this user's keys or
-    /// access tokens: the key id and the deadline.
-    pub fn resolve(&self, hash: &TokenHash, now_ms: u64) -> Option<(String, Option<u64>, bool)> {
+    /// access tokens: the key id, the deadline, and for an access token its parent key.
+    pub fn resolve(
+        &self,
+        hash: &TokenHash,
+        now_ms: u64,
+    ) -> Option<(String, Option<u64>, Option<TokenHash>)> {
         if let Some(k) = self
             .keys
             .iter()
             .find(|k| k.hash == *hash && k.valid_at(now_ms))
         {
-            return Some((k.key_id.clone(), k.expires_ms, false));
+            return Some((k.key_id.clone(), k.expires_ms, None));
         }
         let t = self
             .tokens
@@ -98,7 +102,14 @@ impl UserRecords {
         let deadline = parent
             .expires_ms
             .map_or(t.expires_ms, |d| d.min(t.expires_ms));
-        Some((parent.key_id.clone(), Some(deadline), true))
+        Some((parent.key_id.clone(), Some(deadline), Some(parent.hash)))
+    }
+
+    /// Records a use of the key `hash` at `at_ms` (a later use wins).
+    pub fn record_use(&mut self, hash: &TokenHash, at_ms: u64) {
+        if let Some(k) = self.keys.iter_mut().find(|k| k.hash == *hash) {
+            k.last_used_ms = Some(k.last_used_ms.map_or(at_ms, |t| t.max(at_ms)));
+        }
     }
 
     /// Issues an access token for the secret key `parent` of this user.

@@ -8,7 +8,7 @@
 //!   (sorted, comma-separated API names), `created_ms`;
 //! - `cg:user:{<id>}:keys`: hash token hash -> JSON object of strings `key_id`, `slot`
 //!   (`1`/`2`, empty once deleted), `created_ms`, `expires_ms` (empty until deleted),
-//!   `last_used_ms` (empty: not tracked yet);
+//!   `last_used_ms` (empty until the key is first used);
 //! - `cg:tok:<sha256-hex>`: string, JSON `user`, `parent` (key hash), `expires_ms` of an
 //!   access token (deprecated flow); `PEXPIREAT` just after its expiry;
 //! - `cg:user:{<id>}:tokens`: hash access-token hash -> JSON `parent`, `expires_ms` (the
@@ -39,8 +39,8 @@ use serde::Deserialize;
 
 use super::records::{self, UserRecords};
 use super::{
-    AccessToken, Invalidation, NewUser, Resolved, Revocation, SecretKey, StoreError, TokenHash,
-    User, UserType,
+    AccessToken, Invalidation, KeyUse, NewUser, Resolved, Revocation, SecretKey, StoreError,
+    TokenHash, User, UserType,
 };
 
 /// Shared by every script: key names, Redis' clock, key entries, pruning, announcing.
@@ -149,7 +149,26 @@ local deadline = t.expires_ms
 if parent.expires_ms ~= '' and tonumber(parent.expires_ms) < tonumber(deadline) then
   deadline = parent.expires_ms
 end
-return {t.user, raw, user, deadline}
+return {t.user, raw, user, deadline, t.parent}
+"#;
+
+/// Records key uses: `ARGV[2]` the user, then pairs of key hash and ms. A later time
+/// wins; keys no longer stored are skipped. Announces nothing: no cached answer depends
+/// on when a key was last used.
+const RECORD_USES: &str = r#"
+local id = ARGV[2]
+for i = 3, #ARGV, 2 do
+  local raw = redis.call('HGET', keys_key(id), ARGV[i])
+  if raw then
+    local k = cjson.decode(raw)
+    if k.last_used_ms == '' or tonumber(k.last_used_ms) < tonumber(ARGV[i + 1]) then
+      k.last_used_ms = ARGV[i + 1]
+      k.hash = ARGV[i]
+      save_key(id, k)
+    end
+  end
+end
+return {'ok'}
 "#;
 
 /// `{now, exists, key entries}` of one user; read-only.
@@ -378,6 +397,7 @@ struct Scripts {
     delete_key: Script,
     delete_user: Script,
     issue_token: Script,
+    record_uses: Script,
     /// Every script's source, for `SCRIPT LOAD` (`Script` does not give it back).
     sources: Vec<String>,
 }
@@ -402,6 +422,7 @@ impl Scripts {
             delete_key: s(DELETE_KEY),
             delete_user: s(DELETE_USER),
             issue_token: s(ISSUE_TOKEN),
+            record_uses: s(RECORD_USES),
             sources,
         }
     }
@@ -619,16 +640,42 @@ impl RedisStore {
         // For an access token: its parent key, and the earlier of both deadlines.
         let key = decode_key(*hash, &string(raw, "lookup")?)?;
         let user = decode_user(&id, user)?;
-        let (deadline_ms, access_token) = match items.next() {
-            Some(d) => (Some(parse_ms(&string(d, "lookup")?, "lookup")?), true),
-            None => (key.expires_ms, false),
+        let (deadline_ms, parent) = match (items.next(), items.next()) {
+            (Some(d), Some(parent)) => {
+                let parent = string(parent, "lookup")?;
+                let parent =
+                    TokenHash::from_hex(&parent).ok_or_else(|| corrupt("lookup", "bad parent"))?;
+                (
+                    Some(parse_ms(&string(d, "lookup")?, "lookup")?),
+                    Some(parent),
+                )
+            }
+            _ => (key.expires_ms, None),
         };
         Ok(Some(Resolved {
             user,
             key_id: key.key_id,
             deadline_ms,
-            access_token,
+            access_token: parent.is_some(),
+            key_hash: parent.unwrap_or(*hash),
         }))
+    }
+
+    /// One script per user (each user's records live in one hash slot).
+    pub async fn record_uses(&self, uses: &[KeyUse]) -> Result<(), StoreError> {
+        let mut by_user: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+        for u in uses {
+            let args = by_user.entry(u.user_id.as_str()).or_default();
+            args.push(u.key_hash.to_hex());
+            args.push(u.at_ms.to_string());
+        }
+        for (id, pairs) in by_user {
+            let mut args: Vec<&str> = vec![id];
+            args.extend(pairs.iter().map(String::as_str));
+            self.mutate("record key uses", &self.scripts.record_uses, id, &args)
+                .await?;
+        }
+        Ok(())
     }
 
     pub async fn create_user(&self, new: NewUser) -> Result<User, StoreError> {
