@@ -411,6 +411,62 @@ async fn a_subscriber_that_stops_answering_is_replaced() {
     gw.shutdown().await;
 }
 
+/// Waits until the gateway has written a use of `token` at or after `since_ms` (once a
+/// minute per loaded principal, by a script: it shows in `EVALSHA` counts). Reads with
+/// `HGET`, not a script.
+async fn last_use_recorded(redis: &RedisServer, user: &str, token: &str, since_ms: u64) {
+    let conn = redis.conn().await;
+    let (keys, field) = (format!("cg:user:{{{user}}}:keys"), hex(token));
+    wait_until(Duration::from_secs(5), || {
+        let mut conn = conn.clone();
+        let (keys, field) = (keys.clone(), field.clone());
+        async move {
+            let raw: String = redis::cmd("HGET")
+                .arg(keys)
+                .arg(field)
+                .query_async(&mut conn)
+                .await
+                .expect("key entry");
+            let entry: serde_json::Value = serde_json::from_str(&raw).expect("JSON entry");
+            entry["last_used_ms"]
+                .as_str()
+                .and_then(|ms| ms.parse::<u64>().ok())
+                .is_some_and(|ms| ms >= since_ms)
+        }
+    })
+    .await
+    .expect("the key's use is recorded");
+}
+
+/// `n` requests with `token`, released together; their statuses and how many had each.
+async fn burst(
+    addr: std::net::SocketAddr,
+    token: &str,
+    n: usize,
+) -> std::collections::BTreeMap<u16, usize> {
+    let go = Arc::new(tokio::sync::Barrier::new(n));
+    let requests: Vec<_> = (0..n)
+        .map(|_| {
+            let token = token.to_string();
+            let go = go.clone();
+            tokio::spawn(async move {
+                go.wait().await;
+                Req::post(EVENTS)
+                    .bearer(&token)
+                    .send(addr)
+                    .await
+                    .status
+                    .as_u16()
+            })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::new();
+    for r in join_all(requests).await {
+        *statuses.entry(r.expect("request task")).or_insert(0) += 1;
+    }
+    statuses
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_requests_for_one_uncached_key_make_one_lookup() {
     let redis = RedisServer::start();
@@ -431,52 +487,88 @@ async fn a_thousand_concurrent_requests_for_one_uncached_key_make_one_lookup() {
         .await
         .expect("CONFIG RESETSTAT");
 
+    // Each phase's loaded principal also records its key's use once (one more script
+    // call): wait for that write, and count it out.
+    let started = unix_ms();
+    let before = evalsha_calls(&mut conn).await;
+    let statuses = burst(gw.addr, &key, 1000).await;
+    assert_eq!(statuses, [(200, 1000)].into(), "statuses, uncached");
+    last_use_recorded(&redis, "alice", &key, started).await;
+    let uncached = evalsha_calls(&mut conn).await - before - 1;
+
+    // The same once more right after a flush: every copy is stale, in moka and in each
+    // worker's front map, and 1000 requests find it so at once.
+    gw.gate.auth.flush_all("test");
+    let started = unix_ms();
+    let before = evalsha_calls(&mut conn).await;
+    let statuses = burst(gw.addr, &key, 1000).await;
+    assert_eq!(statuses, [(200, 1000)].into(), "statuses, after a flush");
+    last_use_recorded(&redis, "alice", &key, started).await;
+    let flushed = evalsha_calls(&mut conn).await - before - 1;
+
+    // And once more with a flush *during* the lookup (Redis held by DEBUG SLEEP): the
+    // 1000 waiters all get an answer that the flush voided; one more lookup, not 1000.
+    let started = unix_ms();
+    let before = evalsha_calls(&mut conn).await;
+    let lookups_started = gw.gate.metrics.store_lookups.get();
+    gw.gate.auth.flush_all("test");
+    let sleeper = redis.client();
+    let sleep = tokio::spawn(async move {
+        let mut c = sleeper
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        // Give the burst time to gather behind the held lookup.
+        redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg("0.5")
+            .query_async::<()>(&mut c)
+            .await
+    });
     let addr = gw.addr;
-    let go = Arc::new(tokio::sync::Barrier::new(1000));
-    let requests: Vec<_> = (0..1000)
-        .map(|_| {
-            let key = key.clone();
-            let go = go.clone();
-            tokio::spawn(async move {
-                go.wait().await;
-                Req::post(EVENTS)
-                    .bearer(&key)
-                    .send(addr)
-                    .await
-                    .status
-                    .as_u16()
-            })
-        })
-        .collect();
-    let mut statuses = std::collections::BTreeMap::new();
-    for r in join_all(requests).await {
-        *statuses.entry(r.expect("request task")).or_insert(0) += 1;
-    }
+    let key_for_burst = key.clone();
+    let raced = tokio::spawn(async move { burst(addr, &key_for_burst, 1000).await });
+    wait_until(Duration::from_secs(5), || async {
+        gw.gate.metrics.store_lookups.get() > lookups_started
+    })
+    .await
+    .expect("the lookup started");
+    gw.gate.auth.flush_all("test");
+    sleep.await.expect("sleep task").expect("DEBUG SLEEP");
+    let statuses = raced.await.expect("burst");
     assert_eq!(
         statuses,
         [(200, 1000)].into(),
-        "statuses of the 1000 requests"
+        "statuses, flushed mid-lookup"
     );
-    // The key's use is recorded once (a script call too): wait for it, then leave it out.
-    let m = &gw.gate.metrics;
-    wait_until(Duration::from_secs(3), || async {
-        m.key_use_writes.get() == 1
-    })
-    .await
-    .expect("the key's use is recorded once");
-    let lookups = evalsha_calls(&mut conn).await - m.key_use_writes.get();
-    eprintln!("1000 concurrent requests, one uncached key: {lookups} lookups at Redis");
+    last_use_recorded(&redis, "alice", &key, started).await;
+    let raced = evalsha_calls(&mut conn).await - before - 1;
+
+    eprintln!(
+        "1000 concurrent requests, one key: {uncached} EVALSHA at Redis uncached, \
+         {flushed} after a flush, {raced} with a flush during the lookup"
+    );
     assert_eq!(
-        lookups,
-        1,
-        "store lookups seen by Redis (flushes: reconnect {}, seq check {}, seq gap {})",
+        raced, 2,
+        "lookups for one key flushed mid-lookup: the voided one, one more"
+    );
+    let m = &gw.gate.metrics;
+    let flushes = format!(
+        "flushes: reconnect {}, seq check {}, seq gap {}",
         m.flushes("subscriber reconnect"),
         m.flushes("seq check"),
         m.flushes("seq gap"),
     );
-    assert_eq!(gw.gate.metrics.store_lookups.get(), 1);
+    assert_eq!(
+        uncached, 1,
+        "store lookups seen by Redis, uncached ({flushes})"
+    );
+    assert_eq!(
+        flushed, 1,
+        "store lookups seen by Redis, after a flush ({flushes})"
+    );
     backend
-        .wait_for_requests(1000, Duration::from_secs(5))
+        .wait_for_requests(3000, Duration::from_secs(5))
         .await
         .expect("all forwarded");
     gw.shutdown().await;
@@ -772,14 +864,10 @@ async fn ten_thousand_random_unknown_keys_make_a_bounded_number_of_lookups() {
     let metrics = &gw.gate.metrics;
     let addr = gw.addr;
     let client = pooled_client();
+    let started = unix_ms();
     assert_eq!(pooled_events(&client, addr, &valid).await.0, 200);
-    // That use is recorded (a script call) before the count starts; the flood's probe
-    // is refused (403), so no further use is recorded.
-    wait_until(Duration::from_secs(3), || async {
-        metrics.key_use_writes.get() == 1
-    })
-    .await
-    .expect("the valid key's use is recorded");
+    // Its use is written now, not during the count below.
+    last_use_recorded(&redis, "alice", &valid, started).await;
     let mut conn = redis.conn().await;
     let _: () = redis::cmd("CONFIG")
         .arg("RESETSTAT")

@@ -120,7 +120,12 @@ impl Principal {
 #[derive(Debug, Clone)]
 enum Entry {
     Known(Arc<Principal>),
-    Unknown { stamp: Stamp },
+    Unknown {
+        stamp: Stamp,
+    },
+    /// The store failed or shed the lookup. Never valid and expired on arrival: it only
+    /// carries the failure to the requests that waited on the same lookup.
+    Failed,
 }
 
 /// Why a token did not resolve to a principal.
@@ -137,17 +142,36 @@ struct EntryExpiry {
     negative_ttl: Duration,
 }
 
-impl Expiry<TokenHash, Entry> for EntryExpiry {
-    fn expire_after_create(&self, _: &TokenHash, value: &Entry, _: Instant) -> Option<Duration> {
-        Some(match value {
+impl EntryExpiry {
+    fn lifetime(&self, value: &Entry) -> Duration {
+        match value {
             Entry::Unknown { .. } => self.negative_ttl,
+            Entry::Failed => Duration::ZERO,
             Entry::Known(p) => match p.deadline_ms {
                 None => self.ttl,
                 Some(d) => self
                     .ttl
                     .min(Duration::from_millis(d.saturating_sub(now_ms()))),
             },
-        })
+        }
+    }
+}
+
+impl Expiry<TokenHash, Entry> for EntryExpiry {
+    fn expire_after_create(&self, _: &TokenHash, value: &Entry, _: Instant) -> Option<Duration> {
+        Some(self.lifetime(value))
+    }
+
+    /// A stale entry is replaced in place (see `resolve`): the new answer gets its own
+    /// lifetime, not what was left of the old one's.
+    fn expire_after_update(
+        &self,
+        _: &TokenHash,
+        value: &Entry,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(self.lifetime(value))
     }
 }
 
@@ -319,6 +343,7 @@ impl Authenticator {
         match e {
             Entry::Known(p) => self.principal_valid(hash, p),
             Entry::Unknown { stamp } => *stamp == self.current_stamp(hash, None),
+            Entry::Failed => false,
         }
     }
 
@@ -334,35 +359,30 @@ impl Authenticator {
             self.metrics.cache_hits.inc();
             return Ok(p);
         }
-        if let Some(entry) = self.keys.get(hash).await {
-            if self.entry_valid(hash, &entry) {
-                self.metrics.cache_hits.inc();
-                return match entry {
-                    Entry::Known(p) => {
-                        self.front_put(hash, &p);
-                        Ok(p)
-                    }
-                    Entry::Unknown { .. } => Err(AuthFailure::Unknown),
-                };
-            }
-            // Loaded before an invalidation that concerns it.
-            self.keys.invalidate(hash).await;
+        if let Some(entry) = self.keys.get(hash).await
+            && self.entry_valid(hash, &entry)
+        {
+            self.metrics.cache_hits.inc();
+            return self.answer(hash, entry);
         }
         self.metrics.cache_misses.inc();
+        // A stale entry is replaced, never removed: a removal could hit the newer answer
+        // another request just loaded, and each such miss would cost one more lookup
+        // (hundreds, for a hot key found stale by a burst of requests).
         for _ in 0..RACE_RETRIES {
-            match self.keys.try_get_with(*hash, self.load(hash, routes)).await {
-                Ok(entry) if self.entry_valid(hash, &entry) => {
-                    return match entry {
-                        Entry::Known(p) => {
-                            self.front_put(hash, &p);
-                            Ok(p)
-                        }
-                        Entry::Unknown { .. } => Err(AuthFailure::Unknown),
-                    };
-                }
-                // An invalidation arrived while this was loading: drop it and retry.
-                Ok(_) => self.keys.invalidate(hash).await,
-                Err(_) => return self.stale_or_unavailable(hash).await,
+            let entry = self
+                .keys
+                .entry_by_ref(hash)
+                .or_insert_with_if(self.load_entry(hash, routes), |e| {
+                    !self.entry_valid(hash, e)
+                })
+                .await
+                .into_value();
+            match entry {
+                Entry::Failed => return self.stale_or_unavailable(hash).await,
+                entry if self.entry_valid(hash, &entry) => return self.answer(hash, entry),
+                // Overtaken by an invalidation while loading: the next round replaces it.
+                _ => {}
             }
         }
         // Invalidations keep racing this key: answer from a direct, uncached lookup,
@@ -371,8 +391,25 @@ impl Authenticator {
             Ok(entry) if !self.entry_valid(hash, &entry) => Err(AuthFailure::Unavailable),
             Ok(Entry::Known(p)) => Ok(p),
             Ok(Entry::Unknown { .. }) => Err(AuthFailure::Unknown),
-            Err(_) => self.stale_or_unavailable(hash).await,
+            Ok(Entry::Failed) | Err(_) => self.stale_or_unavailable(hash).await,
         }
+    }
+
+    /// A valid entry as the answer to a request, remembered in this thread's front map.
+    fn answer(&self, hash: &TokenHash, entry: Entry) -> Result<Arc<Principal>, AuthFailure> {
+        match entry {
+            Entry::Known(p) => {
+                self.front_put(hash, &p);
+                Ok(p)
+            }
+            Entry::Unknown { .. } => Err(AuthFailure::Unknown),
+            Entry::Failed => Err(AuthFailure::Unavailable),
+        }
+    }
+
+    /// [`Authenticator::load`] as a cache value: a failure becomes [`Entry::Failed`].
+    async fn load_entry(&self, hash: &TokenHash, routes: &RouteTable) -> Entry {
+        self.load(hash, routes).await.unwrap_or(Entry::Failed)
     }
 
     fn front_get(&self, hash: &TokenHash, now: u64) -> Option<Arc<Principal>> {
