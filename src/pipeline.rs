@@ -6,7 +6,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
-use http::uri::Authority;
 use http::{HeaderValue, Method, Version, request};
 
 use crate::auth::bearer::parse_bearer;
@@ -139,18 +138,72 @@ pub fn framing(head: &request::Parts, limits: &crate::config::ServerConfig) -> R
         None if head.version == Version::HTTP_11 => return Err(Refusal::BadRequest),
         None => {}
         Some(value) => {
-            let host = Authority::try_from(value.as_bytes()).map_err(|_| Refusal::BadRequest)?;
-            if host.as_str().contains('@') || host.host().is_empty() {
+            let host = value.as_bytes();
+            if !valid_host(host) {
                 return Err(Refusal::BadRequest);
             }
             if let Some(target) = head.uri.authority()
-                && !target.as_str().eq_ignore_ascii_case(host.as_str())
+                && !target.as_str().as_bytes().eq_ignore_ascii_case(host)
             {
                 return Err(Refusal::BadRequest);
             }
         }
     }
     Ok(())
+}
+
+/// `Host = uri-host [ ":" port ]` (RFC 9110 section 7.2), checked without allocating:
+/// a reg-name or IPv4 address (unreserved, sub-delims, `%`-escapes), or an IP literal
+/// in brackets, then an optional port of at most 5 digits. No userinfo, no path.
+pub fn valid_host(host: &[u8]) -> bool {
+    let port = if host.first() == Some(&b'[') {
+        let Some(end) = host.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &host[1..end];
+        if literal.is_empty()
+            || !literal
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+        {
+            return false;
+        }
+        &host[end + 1..]
+    } else {
+        let end = host.iter().position(|&b| b == b':').unwrap_or(host.len());
+        let name = &host[..end];
+        if name.is_empty()
+            || !name.iter().all(|&b| {
+                b.is_ascii_alphanumeric()
+                    || matches!(
+                        b,
+                        b'-' | b'.'
+                            | b'_'
+                            | b'~'
+                            | b'%'
+                            | b'!'
+                            | b'$'
+                            | b'&'
+                            | b'\''
+                            | b'('
+                            | b')'
+                            | b'*'
+                            | b'+'
+                            | b','
+                            | b';'
+                            | b'='
+                    )
+            })
+        {
+            return false;
+        }
+        &host[end..]
+    };
+    match port {
+        [] => true,
+        [b':', digits @ ..] => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
+        _ => false,
+    }
 }
 
 /// The declared body length. Several equal values count as one (hyper has already
@@ -342,5 +395,42 @@ mod tests {
         assert!(!method_is_upper_token(
             &Method::from_bytes(b"get").expect("method")
         ));
+    }
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::valid_host;
+
+    #[test]
+    fn hosts() {
+        for ok in [
+            "example.com",
+            "example.com:8080",
+            "127.0.0.1",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:8080",
+            "a-b_c.d~e",
+        ] {
+            assert!(valid_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            ":80",
+            "user@host",
+            "host/path",
+            "host:80:81",
+            "host:123456",
+            "host:8a",
+            "[::1",
+            "[]",
+            "[::1]x",
+            "ho st",
+            "host?",
+            "host#",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad}");
+        }
     }
 }
