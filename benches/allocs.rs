@@ -1,0 +1,178 @@
+//! Heap allocations per cache-hit decision, counted by dhat's global allocator.
+//!
+//! `cargo bench --bench allocs`. Warms a cache of 10,000 keys, then runs
+//! `pipeline::admit` on prebuilt request heads (Zipf-distributed keys, as in `hot_path`)
+//! and prints allocations and bytes per decision, for the whole decision and for its
+//! parts, plus the request-id generation the server does beside it.
+
+#[path = "fixture/mod.rs"]
+mod fixture;
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use campaign_gate::auth::bearer::parse_bearer;
+use campaign_gate::headers;
+use campaign_gate::path::canonicalize;
+use campaign_gate::pipeline::{self, Policy};
+use campaign_gate::store::TokenHash;
+
+#[global_allocator]
+static ALLOC: dhat::Alloc = dhat::Alloc;
+
+const KEYS: usize = 10_000;
+const DECISIONS: usize = 100_000;
+
+/// Allocations and bytes made by `f`.
+fn count<T>(f: impl FnOnce() -> T) -> (u64, u64, T) {
+    let before = dhat::HeapStats::get();
+    let out = f();
+    let after = dhat::HeapStats::get();
+    (
+        after.total_blocks - before.total_blocks,
+        after.total_bytes - before.total_bytes,
+        out,
+    )
+}
+
+fn report(what: &str, n: usize, (blocks, bytes): (u64, u64)) {
+    println!(
+        "{what:<44} {:>8.3} allocations/op {:>9.1} bytes/op  ({n} ops)",
+        blocks as f64 / n as f64,
+        bytes as f64 / n as f64,
+    );
+}
+
+fn main() {
+    let _profiler = dhat::Profiler::builder().testing().build();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = dir.path().join("store.json");
+    fixture::write_store(&store, KEYS);
+    let config = fixture::config(&store, &[]);
+    let (auth, _) = rt.block_on(fixture::authenticator(&config));
+    let policy = Policy::new(config).expect("policy");
+    let hashes: Vec<TokenHash> = (0..KEYS)
+        .map(|i| TokenHash::of(fixture::token(i).as_bytes()))
+        .collect();
+    let zipf = fixture::zipf_sequence(KEYS, 1.0, 1 << 14, 7);
+    let heads: Vec<http::request::Parts> = zipf
+        .iter()
+        .enumerate()
+        .map(|(n, &k)| {
+            let token = fixture::token(k);
+            if n % 2 == 0 {
+                fixture::request_head("POST", "/campaignapi/resources/v3/events", &token)
+            } else {
+                fixture::request_head(
+                    "GET",
+                    "/campaignapi/resources/v3/campaigncontents/4711",
+                    &token,
+                )
+            }
+        })
+        .collect();
+    let client = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    let (blocks, bytes, ()) = count(|| {
+        rt.block_on(async {
+            for h in &hashes {
+                auth.resolve(h, &policy.routes).await.expect("known key");
+            }
+        })
+    });
+    report(
+        "warm-up: 10k cache misses (store + insert)",
+        KEYS,
+        (blocks, bytes),
+    );
+    // A second pass lets moka settle its housekeeping before counting.
+    rt.block_on(async {
+        for head in &heads {
+            pipeline::admit(head, &policy, &auth, client)
+                .await
+                .expect("admitted");
+        }
+    });
+
+    let (blocks, bytes, admitted) = count(|| {
+        rt.block_on(async {
+            let mut admitted = 0usize;
+            for i in 0..DECISIONS {
+                let head = &heads[i % heads.len()];
+                if pipeline::admit(head, &policy, &auth, client).await.is_ok() {
+                    admitted += 1;
+                }
+            }
+            admitted
+        })
+    });
+    assert_eq!(admitted, DECISIONS, "every decision admits");
+    report(
+        "pipeline::admit (cache hit, whole decision)",
+        DECISIONS,
+        (blocks, bytes),
+    );
+    let decision_blocks = blocks;
+
+    let (blocks, bytes, ()) = count(|| {
+        rt.block_on(async {
+            for i in 0..DECISIONS {
+                let h = &hashes[zipf[i % zipf.len()]];
+                let _ = auth.resolve(h, &policy.routes).await;
+            }
+        })
+    });
+    report(
+        "Authenticator::resolve (cache hit)",
+        DECISIONS,
+        (blocks, bytes),
+    );
+
+    let (blocks, bytes, ()) = count(|| {
+        for i in 0..DECISIONS {
+            let head = &heads[i % heads.len()];
+            let _ = pipeline::sanity(head, &policy);
+            let _ = pipeline::credential(head).map(TokenHash::of);
+        }
+    });
+    report("sanity + credential + sha256", DECISIONS, (blocks, bytes));
+
+    let (blocks, bytes, ()) = count(|| {
+        for _ in 0..DECISIONS {
+            let _ = canonicalize("/campaignapi/resources/v3/campaigncontents/%7euser%2D1");
+        }
+    });
+    report(
+        "canonicalize (escaped path, owned result)",
+        DECISIONS,
+        (blocks, bytes),
+    );
+
+    let header = format!("Bearer {}", fixture::token(1));
+    let (blocks, bytes, ()) = count(|| {
+        for _ in 0..DECISIONS {
+            let _ = parse_bearer(header.as_bytes()).map(TokenHash::of);
+        }
+    });
+    report("parse_bearer + sha256", DECISIONS, (blocks, bytes));
+
+    let empty = http::HeaderMap::new();
+    let (blocks, bytes, ()) = count(|| {
+        for _ in 0..DECISIONS {
+            let _ = headers::request_id(&empty);
+        }
+    });
+    report(
+        "server: new x-request-id (none sent)",
+        DECISIONS,
+        (blocks, bytes),
+    );
+
+    println!(
+        "allocations per cache-hit decision: {:.3}",
+        decision_blocks as f64 / DECISIONS as f64
+    );
+}
