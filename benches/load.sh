@@ -457,23 +457,26 @@ NGX_AUTH_KIB=$(rss_kib "$PID_auth")
 
 # ---- h2c downstream -------------------------------------------------------------------
 H2_TSV=$OUT/h2c.tsv
-printf 'scenario\trun\trps\tmean_ms\tfailed\n' >"$H2_TSV"
+printf 'scenario\trun\trps\tmean_ms\tfailed\tcpu_s_per_10k\n' >"$H2_TSV"
 if command -v h2load >/dev/null 2>&1; then
   log "h2c: h2load -t$THREADS -c$CONNS -m1 -D$DURATION, $RUNS runs per target"
   token=$(head -1 "$WORK/warm_tokens.txt")
   for run in $(seq 1 "$RUNS"); do
-    for target in "nginx_proxy_pass_h2c http://127.0.0.1:$NGX_H2_PORT$ROUTE" "campaign_gate_h2c $GATE_URL"; do
+    for target in "nginx_proxy_pass_h2c http://127.0.0.1:$NGX_H2_PORT$ROUTE $PID_proxy" "campaign_gate_h2c $GATE_URL $GATE_PID"; do
       set -- $target
       raw=$OUT/$1.run$run.txt
+      t0=$(cpu_ticks "$3")
       h2load -t"$THREADS" -c"$CONNS" -m1 -D"$DURATION" --warm-up-time=1 \
         -H "authorization: Bearer $token" "$2" >"$raw" 2>&1 || true
-      awk -v s="$1" -v r="$run" '
+      t1=$(cpu_ticks "$3")
+      # CPU ticks span the warm-up second too: counted against its share of requests.
+      awk -v s="$1" -v r="$run" -v ticks=$((t1 - t0)) -v hz="$CLK_TCK" -v d="$DURATION" '
         /^finished in/ { rps = $4 }
         /^requests:/ { failed = $10 + $12 }
         /^time for request:/ { mean = $6 }
         END { u = mean; ms = u ~ /ms$/ ? u + 0 : (u ~ /us$/ ? u / 1000 : u * 1000);
-              printf "%s\t%s\t%.0f\t%.3f\t%d\n", s, r, rps, ms, failed }' "$raw" >>"$H2_TSV"
-      tail -1 "$H2_TSV" | awk -F'\t' '{ printf "  %-22s run %s: %7s req/s  mean %s ms  failed %s\n", $1, $2, $3, $4, $5 }' >&2
+              printf "%s\t%s\t%.0f\t%.3f\t%d\t%.3f\n", s, r, rps, ms, failed, (ticks / hz) / (rps * (d + 1)) * 1e4 }' "$raw" >>"$H2_TSV"
+      tail -1 "$H2_TSV" | awk -F'\t' '{ printf "  %-22s run %s: %7s req/s  mean %s ms  failed %s  cpu %s s/10k\n", $1, $2, $3, $4, $5, $6 }' >&2
     done
   done
 else
@@ -586,6 +589,10 @@ GATE_RPS=$(median_of "$RUNS_TSV" campaign_gate 3)
   echo
   echo "(For \`backend\` the CPU column is the backend's own; for nginx it counts master and workers.)"
   echo
+  echo "CPU per request (less noisy than req/s on a shared machine): campaign-gate uses" \
+    "$(ratio "$(median_of "$RUNS_TSV" campaign_gate 7)" "$(median_of "$RUNS_TSV" nginx_proxy_pass 7)") the CPU of nginx proxy_pass and" \
+    "$(ratio "$(median_of "$RUNS_TSV" campaign_gate 7)" "$(median_of "$RUNS_TSV" nginx_auth_request 7)") that of nginx auth_request."
+  echo
   echo "Cold keys / warm keys: $(ratio "$(median_of "$RUNS_TSV" campaign_gate_cold 3)" "$GATE_RPS")."
   if [ "$STORE_KIND" = redis ]; then
     echo "Storm: revoking / baseline $(ratio "$(median_of "$RUNS_TSV" storm_revoking 3)" "$(median_of "$RUNS_TSV" storm_baseline 3)")," \
@@ -594,16 +601,16 @@ GATE_RPS=$(median_of "$RUNS_TSV" campaign_gate 3)
     echo "Storm: not measured (needs the Redis store)."
   fi
   echo
-  echo "Memory (VmRSS / VmHWM): campaign-gate idle $((GATE_IDLE_KIB / 1024)) MiB, after the warm runs $((GATE_AFTER_KIB / 1024)) MiB," \
+  echo "Memory (VmRSS / VmHWM; the $STORE_KIND store holds $((2 * COLD_USERS + WARM_KEYS)) keys): campaign-gate idle $((GATE_IDLE_KIB / 1024)) MiB, after the warm runs $((GATE_AFTER_KIB / 1024)) MiB," \
     "peak $((GATE_PEAK_KIB / 1024)) MiB; nginx proxy_pass (master + workers) $((NGX_PROXY_KIB / 1024)) MiB, auth_request $((NGX_AUTH_KIB / 1024)) MiB."
   if [ "$(wc -l <"$H2_TSV")" -gt 1 ]; then
     echo
     echo "h2c (h2load -c$CONNS -m1, ${DURATION}s):"
     echo
-    echo "| scenario | req/s | mean ms | failed |"
-    echo "|---|---:|---:|---:|"
+    echo "| scenario | req/s | mean ms | failed | proxy CPU s / 10k req (approx.) |"
+    echo "|---|---:|---:|---:|---:|"
     for s in nginx_proxy_pass_h2c campaign_gate_h2c; do
-      echo "| $s | $(median_of "$H2_TSV" $s 3) | $(median_of "$H2_TSV" $s 4) | $(median_of "$H2_TSV" $s 5) |"
+      echo "| $s | $(median_of "$H2_TSV" $s 3) | $(median_of "$H2_TSV" $s 4) | $(median_of "$H2_TSV" $s 5) | $(median_of "$H2_TSV" $s 6) |"
     done
   fi
   echo
