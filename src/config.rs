@@ -35,9 +35,21 @@ pub struct TlsConfig {
     pub key: PathBuf,
 }
 
+/// How connections are spread over threads (see BENCHMARKS.md for the measurements).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeLayout {
+    /// One current-thread runtime per worker, each on its own `SO_REUSEPORT` listener.
+    PerCore,
+    /// One multi-thread runtime with work stealing over one listener.
+    MultiThread,
+}
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// Worker threads; 0 = one per core.
+    pub workers: usize,
+    pub runtime: RuntimeLayout,
     pub tls: Option<TlsConfig>,
     pub header_read_timeout: Duration,
     pub request_timeout: Duration,
@@ -106,6 +118,8 @@ pub struct TokensConfig {
     pub enabled: bool,
     pub path: String,
     pub lifetime: Duration,
+    /// Where the `Link` header of the flow's responses points: the migration note.
+    pub migration_url: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,6 +182,8 @@ const SCHEMA: &[(&str, &str, Kind, Option<&str>)] = &[
     ("server", "max_header_bytes", Kind::Uint, Some("65536")),
     ("server", "max_headers", Kind::Uint, Some("100")),
     ("server", "max_uri_bytes", Kind::Uint, Some("8192")),
+    ("server", "workers", Kind::Uint, Some("0")),
+    ("server", "runtime", Kind::Str, Some("per-core")),
     ("server", "max_connections", Kind::Uint, Some("10000")),
     ("server", "max_connections_per_ip", Kind::Uint, Some("1000")),
     (
@@ -232,6 +248,12 @@ const SCHEMA: &[(&str, &str, Kind, Option<&str>)] = &[
         Some("/campaignapi/resources/v3/token"),
     ),
     ("tokens", "lifetime", Kind::Duration, Some("60m")),
+    (
+        "tokens",
+        "migration_url",
+        Kind::Str,
+        Some("https://campaign-gate.invalid/docs/access-tokens"),
+    ),
 ];
 
 /// A typed value of one key, before it is placed in the config struct.
@@ -620,8 +642,21 @@ fn build(
     }
 
     let h2_streams = positive("server", "h2_max_concurrent_streams", errors);
+    let runtime = match string("server", "runtime").as_str() {
+        "per-core" => RuntimeLayout::PerCore,
+        "multi-thread" => RuntimeLayout::MultiThread,
+        other => {
+            errors.push(err(
+                "server.runtime",
+                &format!("unknown layout {other:?} (expected \"per-core\" or \"multi-thread\")"),
+            ));
+            RuntimeLayout::PerCore
+        }
+    };
     let server = ServerConfig {
         listen: addr("server", "listen"),
+        workers: usize::try_from(uint("server", "workers")).unwrap_or(usize::MAX),
+        runtime,
         tls: match get("server", "tls") {
             Some(Typed::Tls(t)) => Some(t.clone()),
             _ => None,
@@ -718,6 +753,7 @@ fn build(
             enabled: boolean("tokens", "enabled"),
             path: tokens_path,
             lifetime,
+            migration_url: string("tokens", "migration_url"),
         },
         apis,
     };

@@ -2,7 +2,6 @@
 //! back. Pure functions over `HeaderMap`; the forwarder calls them in a fixed order.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue};
@@ -109,8 +108,15 @@ pub fn strip_untrusted(headers: &mut HeaderMap, identity_prefix: &str) {
 
 /// Sets `X-Forwarded-For/-Proto/-Host`: replaced for an untrusted peer, appended to for
 /// a trusted proxy.
-pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, trusted: bool, proto: &'static str) {
-    let peer_value = ip_header_value(peer);
+/// `peer` is the connection's peer address as a header value ([`ip_header_value`]),
+/// computed once per connection.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    peer: &HeaderValue,
+    trusted: bool,
+    proto: &'static str,
+) {
+    let peer_value = peer.clone();
     if trusted {
         let combined = {
             let existing: Vec<&[u8]> = headers
@@ -172,7 +178,8 @@ pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[ipnet::IpNet]) ->
     client
 }
 
-fn ip_header_value(ip: IpAddr) -> HeaderValue {
+/// An address as an `X-Forwarded-For` entry (IPv4-mapped IPv6 shown as IPv4).
+pub fn ip_header_value(ip: IpAddr) -> HeaderValue {
     let ip = match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
@@ -194,13 +201,18 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     new_request_id()
 }
 
-/// A new request id: 32 hex digits, a per-process random half and a counter half, so
-/// ids are unique across replicas without coordination.
+/// A new request id: 32 hex digits, a random half drawn once per thread and a
+/// per-thread counter half, so ids are unique across threads and replicas without
+/// coordination and without a shared counter on the request path.
 pub fn new_request_id() -> HeaderValue {
-    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let seed = *SEED.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    thread_local! {
+        static STATE: std::cell::Cell<(u64, u64)> = std::cell::Cell::new((uuid::Uuid::new_v4().as_u64_pair().0, 0));
+    }
+    let (seed, n) = STATE.with(|s| {
+        let (seed, n) = s.get();
+        s.set((seed, n.wrapping_add(1)));
+        (seed, n)
+    });
     let mut buf = [0u8; 32];
     write_hex(&mut buf[..16], seed);
     write_hex(&mut buf[16..], n);
@@ -267,7 +279,7 @@ mod tests {
     fn forwarded_replaced_for_untrusted_appended_for_trusted() {
         let peer: IpAddr = "10.0.0.9".parse().expect("ip");
         let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("host", "api.example")]);
-        set_forwarded(&mut h, peer, false, "http");
+        set_forwarded(&mut h, &ip_header_value(peer), false, "http");
         assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.9");
         assert_eq!(h[&X_FORWARDED_HOST], "api.example");
 
@@ -275,7 +287,7 @@ mod tests {
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-for", "5.6.7.8"),
         ]);
-        set_forwarded(&mut h, peer, true, "http");
+        set_forwarded(&mut h, &ip_header_value(peer), true, "http");
         assert_eq!(h[&X_FORWARDED_FOR], "1.2.3.4, 5.6.7.8, 10.0.0.9");
     }
 

@@ -9,6 +9,7 @@
 //! - [`store`]: the `Store` interface, domain rules ([`store::records`]), backends.
 //! - [`forward`]: the upstream client and streaming bodies. [`headers`]: header hygiene.
 //! - [`errors`]: refusal kinds -> status, code, JSON body, `WWW-Authenticate`.
+//! - [`tokens`]: the deprecated access-token flow.
 //! - [`admin`]: health, readiness, metrics. [`telemetry`]: logs and metric types.
 //! - [`config`]: schema, defaults, env overrides, validation. [`cli`]: the command line.
 
@@ -26,3 +27,4 @@ pub mod routes;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tokens;

@@ -22,7 +22,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::auth::Authenticator;
-use crate::config::Config;
+use crate::config::{Config, RuntimeLayout};
 use crate::connection::{self, ActivityIo, PerAddressLimit};
 use crate::errors::Refusal;
 use crate::forward::{Forwarder, GateBody, LimitedBody};
@@ -30,6 +30,7 @@ use crate::headers::{self, X_REQUEST_ID};
 use crate::pipeline::{self, Policy};
 use crate::store::Store;
 use crate::telemetry::Metrics;
+use crate::tokens;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -37,7 +38,6 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct Gate {
     pub policy: ArcSwap<Policy>,
     pub auth: Authenticator,
-    pub forwarder: Forwarder,
     pub metrics: Arc<Metrics>,
     /// Latched true once the store answered and invalidation is live; never unset.
     pub ready: AtomicBool,
@@ -68,14 +68,24 @@ impl Gateway {
             config.store.timeout,
             metrics.clone(),
         );
-        let forwarder = Forwarder::new(&config.upstream, config.server.request_timeout);
-        let listener = TcpListener::bind(config.server.listen)
-            .await
-            .map_err(|e| format!("server.listen {}: {e}", config.server.listen))?;
+        let workers = match config.server.workers {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        };
+        let runtime = config.server.runtime;
+        let listeners = bind_listeners(
+            config.server.listen,
+            if runtime == RuntimeLayout::PerCore {
+                workers
+            } else {
+                1
+            },
+        )
+        .map_err(|e| format!("server.listen {}: {e}", config.server.listen))?;
         let admin_listener = TcpListener::bind(config.admin.listen)
             .await
             .map_err(|e| format!("admin.listen {}: {e}", config.admin.listen))?;
-        let addr = listener.local_addr()?;
+        let addr = listeners[0].local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
         let poll = config
             .auth
@@ -85,20 +95,19 @@ impl Gateway {
         let gate = Arc::new(Gate {
             policy: ArcSwap::from_pointee(policy),
             auth,
-            forwarder,
             metrics,
             ready: AtomicBool::new(false),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let tasks = vec![
-            tokio::spawn(accept_loop(listener, gate.clone(), shutdown_rx.clone())),
+        let mut tasks = start_workers(listeners, runtime, &gate, &shutdown_rx)?;
+        tasks.extend([
             tokio::spawn(crate::admin::serve(
                 admin_listener,
                 gate.clone(),
                 shutdown_rx.clone(),
             )),
             tokio::spawn(watch_store(gate.clone(), store, poll, shutdown_rx)),
-        ];
+        ]);
         Ok(Gateway {
             addr,
             admin_addr,
@@ -179,14 +188,125 @@ fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-async fn accept_loop(listener: TcpListener, gate: Arc<Gate>, mut shutdown: watch::Receiver<bool>) {
-    let (builder, max, per_address, idle, grace) = {
+/// Binds `n` listeners on one address: with `n > 1` they share the port through
+/// `SO_REUSEPORT` and the kernel spreads new connections over them.
+fn bind_listeners(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut out = Vec::with_capacity(n);
+    let mut addr = addr;
+    for _ in 0..n.max(1) {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        if n > 1 {
+            socket.set_reuseport(true)?;
+        }
+        socket.set_nodelay(true)?;
+        socket.bind(addr)?;
+        // Every further listener takes the port the first one got (`:0` in tests).
+        addr = socket.local_addr()?;
+        let std_socket = socket_into_std(socket)?;
+        std_socket.set_nonblocking(true)?;
+        out.push(std_socket);
+    }
+    Ok(out)
+}
+
+/// Turns a bound socket into a listening std listener without registering it with any
+/// runtime, so that each worker registers its own.
+fn socket_into_std(socket: tokio::net::TcpSocket) -> std::io::Result<std::net::TcpListener> {
+    let listener = socket.listen(1024)?;
+    listener.into_std()
+}
+
+/// Starts accepting: one current-thread runtime per listener on its own thread
+/// (per-core), or every listener on the calling multi-thread runtime.
+fn start_workers(
+    listeners: Vec<std::net::TcpListener>,
+    layout: RuntimeLayout,
+    gate: &Arc<Gate>,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<Vec<JoinHandle<()>>, BoxError> {
+    let per_worker = gate.policy.load().config.server.max_connections / listeners.len().max(1);
+    let per_address = PerAddressLimit::new(gate.policy.load().config.server.max_connections_per_ip);
+    let mut tasks = Vec::new();
+    for (i, std_listener) in listeners.into_iter().enumerate() {
+        let worker = Worker {
+            gate: gate.clone(),
+            forwarder: {
+                let p = gate.policy.load();
+                Forwarder::new(&p.config.upstream, p.config.server.request_timeout)
+            },
+        };
+        let per_address = per_address.clone();
+        let shutdown = shutdown.clone();
+        match layout {
+            RuntimeLayout::MultiThread => {
+                let listener = TcpListener::from_std(std_listener)?;
+                tasks.push(tokio::spawn(accept_loop(
+                    listener,
+                    Arc::new(worker),
+                    per_worker.max(1),
+                    per_address,
+                    shutdown,
+                )));
+            }
+            RuntimeLayout::PerCore => {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+                std::thread::Builder::new()
+                    .name(format!("campaign-gate-worker-{i}"))
+                    .spawn(move || {
+                        rt.block_on(async move {
+                            match TcpListener::from_std(std_listener) {
+                                Ok(listener) => {
+                                    accept_loop(
+                                        listener,
+                                        Arc::new(worker),
+                                        per_worker.max(1),
+                                        per_address,
+                                        shutdown,
+                                    )
+                                    .await;
+                                }
+                                Err(e) => tracing::error!(error = %e, "worker could not listen"),
+                            }
+                        });
+                        let _ = done_tx.send(());
+                    })?;
+                tasks.push(tokio::spawn(async move {
+                    let _ = done_rx.await;
+                }));
+            }
+        }
+    }
+    Ok(tasks)
+}
+
+/// What one accept loop owns: the shared gate and its own upstream connection pool
+/// (a pool per runtime keeps each backend connection on the thread that uses it).
+struct Worker {
+    gate: Arc<Gate>,
+    forwarder: Forwarder,
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    worker: Arc<Worker>,
+    max: usize,
+    per_address: Arc<PerAddressLimit>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let gate = &worker.gate;
+    let (builder, idle, grace) = {
         let policy = gate.policy.load();
         let s = &policy.config.server;
         (
             connection_builder(&policy.config),
-            s.max_connections,
-            PerAddressLimit::new(s.max_connections_per_ip),
             s.idle_timeout,
             s.shutdown_grace,
         )
@@ -219,8 +339,10 @@ async fn accept_loop(listener: TcpListener, gate: Arc<Gate>, mut shutdown: watch
         };
         let _ = stream.set_nodelay(true);
         let (io, activity) = ActivityIo::new(stream);
-        let conn_gate = gate.clone();
-        let svc = service_fn(move |req| handle(conn_gate.clone(), peer, req));
+        let conn_worker = worker.clone();
+        let peer_header = headers::ip_header_value(peer.ip());
+        let svc =
+            service_fn(move |req| handle(conn_worker.clone(), peer, peer_header.clone(), req));
         let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
         let metrics = gate.metrics.clone();
         let shutdown = shutdown.clone();
@@ -277,11 +399,13 @@ async fn watch_store(
 
 /// One request, start to finish: decide, then forward or refuse.
 async fn handle(
-    gate: Arc<Gate>,
+    worker: Arc<Worker>,
     peer: SocketAddr,
+    peer_header: HeaderValue,
     req: Request<Incoming>,
 ) -> Result<Response<GateBody>, Infallible> {
     let started = Instant::now();
+    let gate = &worker.gate;
     let policy = gate.policy.load();
     let (head, body) = req.into_parts();
     let request_id = headers::request_id(&head.headers);
@@ -294,6 +418,13 @@ async fn handle(
     } else {
         peer.ip()
     };
+    if policy.config.tokens.enabled
+        && head.method == http::Method::POST
+        && crate::path::canonicalize(head.uri.path())
+            .is_ok_and(|p| tokens::is_token_request(&head, &p, &policy))
+    {
+        return Ok(token_exchange(gate, &policy, &head, client, &request_id, started).await);
+    }
     let admission = match pipeline::admit(&head, &policy, &gate.auth, client).await {
         Ok(a) => a,
         Err(rejection) => {
@@ -333,7 +464,7 @@ async fn handle(
     let api_name = policy.routes.api_name(api);
     let method = head.method.clone();
 
-    let result = match path_and_query.map(|pq| gate.forwarder.upstream_uri(pq)) {
+    let result = match path_and_query.map(|pq| worker.forwarder.upstream_uri(pq)) {
         Some(Ok(uri)) => {
             let mut head = head;
             let client_authority = head.uri.authority().cloned();
@@ -353,7 +484,7 @@ async fn handle(
             {
                 h.insert(HOST, a);
             }
-            headers::set_forwarded(h, peer.ip(), peer_trusted, "http");
+            headers::set_forwarded(h, &peer_header, peer_trusted, "http");
             h.insert(X_REQUEST_ID, request_id.clone());
             h.insert(
                 policy.identity.user_id.clone(),
@@ -374,7 +505,7 @@ async fn handle(
                 LimitedBody::new(body, max_body, policy.config.server.body_read_timeout),
             );
             let sent = Instant::now();
-            let r = gate.forwarder.send(upstream_req).await;
+            let r = worker.forwarder.send(upstream_req).await;
             gate.metrics.upstream_seconds.observe(sent.elapsed());
             r
         }
@@ -409,6 +540,43 @@ async fn handle(
     gate.metrics.request(outcome, status);
     gate.metrics.request_seconds.observe(started.elapsed());
     Ok(resp)
+}
+
+/// The deprecated token flow, with its own response headers and counter.
+async fn token_exchange(
+    gate: &Gate,
+    policy: &Policy,
+    head: &http::request::Parts,
+    client: std::net::IpAddr,
+    request_id: &HeaderValue,
+    started: Instant,
+) -> Response<GateBody> {
+    gate.metrics.token_exchanges.inc();
+    let outcome = match pipeline::framing(head, &policy.config.server) {
+        Err(r) => Err(r),
+        Ok(()) => tokens::exchange(head, policy, &gate.auth, client, request_id).await,
+    };
+    let (mut resp, outcome_index) = match outcome {
+        Ok(resp) => (resp, 0),
+        Err(refusal) => (
+            refusal.response(request_id, policy.config.compat.campaign_statuses),
+            outcome_of(refusal),
+        ),
+    };
+    tokens::mark_deprecated(&mut resp, policy);
+    let status = resp.status().as_u16();
+    log_request(
+        head,
+        request_id,
+        Some("(token)"),
+        None,
+        None,
+        status,
+        started,
+    );
+    gate.metrics.request(outcome_index, status);
+    gate.metrics.request_seconds.observe(started.elapsed());
+    resp
 }
 
 fn log_request(

@@ -4,19 +4,41 @@
 
 use std::fmt::Write as _;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-/// A monotonically increasing counter.
+/// Shards per metric: writers on different threads touch different cache lines.
+const SHARDS: usize = 8;
+
+/// This thread's shard, assigned round-robin on first use.
+fn shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    SHARD.with(|s| *s)
+}
+
 #[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
+#[repr(align(64))]
+struct Padded(AtomicU64);
+
+/// A monotonically increasing counter, sharded by thread: an increment is an
+/// uncontended atomic add, a read sums the shards.
+#[derive(Debug, Default)]
+pub struct Counter([Padded; SHARDS]);
 
 impl Counter {
     pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.0[shard()].0.fetch_add(1, Ordering::Relaxed);
     }
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.iter().map(|p| p.0.load(Ordering::Relaxed)).sum()
+    }
+    fn with_value(v: u64) -> Counter {
+        let c = Counter::default();
+        c.0[0].0.store(v, Ordering::Relaxed);
+        c
     }
 }
 
@@ -45,37 +67,47 @@ const BUCKETS: [f64; 14] = [
     5.0,
 ];
 
-/// A fixed-bucket latency histogram.
+/// One thread's share of a histogram: its buckets, count and sum on its own lines.
 #[derive(Debug, Default)]
-pub struct Histogram {
+#[repr(align(64))]
+struct HistogramShard {
     buckets: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
     sum_micros: AtomicU64,
 }
 
+/// A fixed-bucket latency histogram, sharded by thread like [`Counter`].
+#[derive(Debug, Default)]
+pub struct Histogram([HistogramShard; SHARDS]);
+
 impl Histogram {
     pub fn observe(&self, d: Duration) {
+        let s = &self.0[shard()];
         let secs = d.as_secs_f64();
         if let Some(i) = BUCKETS.iter().position(|&b| secs <= b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            s.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(
+        s.count.fetch_add(1, Ordering::Relaxed);
+        s.sum_micros.fetch_add(
             u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
+    }
+
+    fn total(&self, f: impl Fn(&HistogramShard) -> &AtomicU64) -> u64 {
+        self.0.iter().map(|s| f(s).load(Ordering::Relaxed)).sum()
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let mut cumulative = 0;
         for (i, b) in BUCKETS.iter().enumerate() {
-            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            cumulative += self.total(|s| &s.buckets[i]);
             let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
         }
-        let count = self.count.load(Ordering::Relaxed);
+        let count = self.total(|s| &s.count);
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let sum = self.total(|s| &s.sum_micros) as f64 / 1e6;
         let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
     }
 }
@@ -223,12 +255,12 @@ impl Metrics {
             (
                 "campaign_gate_cache_flushes_total",
                 "Full auth-cache flushes (all reasons).",
-                &Counter(AtomicU64::new(self.total_flushes())),
+                &Counter::with_value(self.total_flushes()),
             ),
             (
                 "campaign_gate_build_info",
                 "Always 1.",
-                &Counter(AtomicU64::new(1)),
+                &Counter::with_value(1),
             ),
         ];
         for (name, help, c) in counters {
@@ -284,18 +316,23 @@ impl Metrics {
 
 /// Installs the global log subscriber: human-readable by default, JSON when
 /// `CAMPAIGN_GATE_LOG_FORMAT=json`; the filter comes from `CAMPAIGN_GATE_LOG`
-/// (default `info`). Logs go to stderr.
-pub fn init_logging() {
+/// (default `info`). Lines go to stderr from a writer thread, so a request never waits
+/// on the terminal or a pipe; under overload lines are dropped, not requests. Keep the
+/// returned guard alive: dropping it flushes what is buffered.
+pub fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CAMPAIGN_GATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let json = std::env::var("CAMPAIGN_GATE_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     let _ = if json {
         builder.json().flatten_event(true).try_init()
     } else {
         builder.try_init()
     };
+    guard
 }

@@ -1,29 +1,66 @@
 //! The auth cache over the store: token hash -> principal, with coalesced misses,
 //! negative entries, hard TTLs, exact grace deadlines, stale-if-error and invalidation.
 //!
-//! Guarantees kept here:
-//! - every entry expires by `cache_ttl` (negative: `negative_cache_ttl`), and a key in
-//!   grace no later than its deadline;
-//! - N concurrent misses of one hash make one store lookup;
-//! - an invalidation that races a lookup of the same key never leaves the
-//!   pre-invalidation answer cached: each invalidation bumps a generation, and a load
-//!   that started under an older generation is dropped and retried;
-//! - a store error is never cached; within `stale_if_error` of the last successful
-//!   fetch a known key keeps serving from the stale copy.
+//! Layers, fastest first:
+//! 1. a per-thread front map (no lock, no shared write) of recently used principals;
+//! 2. moka, shared: hard TTLs, per-entry expiry at grace deadlines, coalesced loads;
+//! 3. the store.
+//!
+//! Validity is decided at read time by *stamps*, not by when an entry was inserted:
+//! every entry records, from before its store lookup began, the generation of the
+//! stripe of its token hash, of the stripe of its user id, and the global generation.
+//! An invalidation bumps the matching generation first, so every copy loaded before it
+//! (in moka, in any thread's front, or still in flight) fails validation from that
+//! instant on. This is what keeps a revocation that races a lookup of the same key from
+//! leaving the old answer in use. Key and user invalidations touch one stripe of 4096,
+//! so a revocation storm leaves the other keys' entries valid.
+//!
+//! Other guarantees: every positive entry is fresh for `cache_ttl` (negative:
+//! `negative_cache_ttl`) and for no longer than its grace deadline; N concurrent misses
+//! of one hash make one store lookup; a store error is never cached; within
+//! `stale_if_error` of the last successful fetch a known key keeps serving from the
+//! stale copy, still subject to its deadline and to invalidations.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use http::HeaderValue;
 use moka::Expiry;
 use moka::future::Cache;
+use tokio::sync::Semaphore;
 
 use crate::auth::throttle::Throttle;
 use crate::config::AuthConfig;
 use crate::routes::{ApiSet, RouteTable};
 use crate::store::{Invalidation, Resolved, Store, StoreError, TokenHash, UserType};
 use crate::telemetry::Metrics;
+
+/// Number of generation stripes (a power of two).
+const STRIPES: usize = 4096;
+
+/// Most entries one thread's front map holds before it starts over.
+const FRONT_CAPACITY: usize = 16_384;
+
+/// How many store lookups may be in flight at once; past that, a miss is answered as
+/// "store unavailable" instead of queueing behind a slow store.
+const MAX_INFLIGHT_LOOKUPS: usize = 256;
+
+/// How many times a load that raced an invalidation is retried before its (fresh)
+/// answer is returned uncached.
+const RACE_RETRIES: usize = 3;
+
+/// The generations an entry was loaded under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    global: u64,
+    key: u64,
+    /// `u64::MAX` for entries without a user (negative entries).
+    user: u64,
+}
 
 /// Who a token authenticates as, with grants compiled against the route table.
 #[derive(Debug)]
@@ -37,12 +74,16 @@ pub struct Principal {
     pub grants: ApiSet,
     /// Refused from this instant on (ms since the Unix epoch), checked on every request.
     pub deadline_ms: Option<u64>,
-    /// The cache generation under which this entry was loaded.
-    generation: u64,
+    /// Authenticated by an access token of the deprecated flow, not a secret key.
+    pub access_token: bool,
+    /// Served from a cache until this instant (ms): fetch time + `cache_ttl`.
+    fresh_until_ms: u64,
+    stamp: Stamp,
+    user_stripe: usize,
 }
 
 impl Principal {
-    pub fn from_resolved(r: &Resolved, routes: &RouteTable, generation: u64) -> Principal {
+    fn from_resolved(r: &Resolved, routes: &RouteTable, fresh_until_ms: u64) -> Principal {
         let header = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static(""));
         Principal {
             user_id: Arc::from(r.user.id.as_str()),
@@ -53,7 +94,14 @@ impl Principal {
             disabled: r.user.disabled,
             grants: routes.compile_grants(&r.user.grants),
             deadline_ms: r.deadline_ms,
-            generation,
+            access_token: r.access_token,
+            fresh_until_ms,
+            stamp: Stamp {
+                global: 0,
+                key: 0,
+                user: 0,
+            },
+            user_stripe: user_stripe(&r.user.id),
         }
     }
 
@@ -66,16 +114,7 @@ impl Principal {
 #[derive(Debug, Clone)]
 enum Entry {
     Known(Arc<Principal>),
-    Unknown { generation: u64 },
-}
-
-impl Entry {
-    fn generation(&self) -> u64 {
-        match self {
-            Entry::Known(p) => p.generation,
-            Entry::Unknown { generation } => *generation,
-        }
-    }
+    Unknown { stamp: Stamp },
 }
 
 /// Why a token did not resolve to a principal.
@@ -106,6 +145,35 @@ impl Expiry<TokenHash, Entry> for EntryExpiry {
     }
 }
 
+/// Token hashes are SHA-256 outputs: their first 8 bytes are already a uniform hash.
+#[derive(Clone, Copy, Default)]
+pub struct TokenHashBuilder;
+
+#[derive(Default)]
+pub struct TokenHasher(u64);
+
+impl Hasher for TokenHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `TokenHash` is hashed with this hasher; it writes its first 8 bytes.
+        for &b in bytes.iter().take(8) {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+impl BuildHasher for TokenHashBuilder {
+    type Hasher = TokenHasher;
+    fn build_hasher(&self) -> TokenHasher {
+        TokenHasher(0)
+    }
+}
+
 /// Milliseconds since the Unix epoch, by the local clock.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -113,16 +181,44 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// How many times a load that raced an invalidation is retried before its (fresh)
-/// answer is returned uncached.
-const RACE_RETRIES: usize = 3;
+fn key_stripe(hash: &TokenHash) -> usize {
+    (usize::from(hash.0[8]) << 8 | usize::from(hash.0[9])) & (STRIPES - 1)
+}
+
+fn user_stripe(id: &str) -> usize {
+    // FNV-1a: stable, and user ids are not attacker-chosen at request time.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in id.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    (h as usize) & (STRIPES - 1)
+}
+
+/// One thread's front map, tagged with the authenticator it belongs to.
+#[derive(Default)]
+struct Front {
+    owner: usize,
+    map: HashMap<TokenHash, Arc<Principal>, TokenHashBuilder>,
+}
+
+thread_local! {
+    static FRONT: RefCell<Front> = RefCell::new(Front::default());
+}
+
+static NEXT_AUTHENTICATOR_ID: AtomicUsize = AtomicUsize::new(1);
 
 pub struct Authenticator {
-    keys: Cache<TokenHash, Entry>,
-    stale: Cache<TokenHash, Arc<Principal>>,
+    id: usize,
+    keys: Cache<TokenHash, Entry, TokenHashBuilder>,
+    stale: Cache<TokenHash, Arc<Principal>, TokenHashBuilder>,
     store: Store,
     store_timeout: Duration,
-    generation: AtomicU64,
+    cache_ttl: Duration,
+    global: AtomicU64,
+    stripes: Box<[AtomicU64]>,
+    /// Bumped by every user invalidation, before the user's stripe.
+    user_epoch: AtomicU64,
+    lookups: Semaphore,
     metrics: Arc<Metrics>,
     /// Failed-authentication throttling per client address.
     pub throttle: Throttle,
@@ -141,19 +237,22 @@ impl Authenticator {
                 ttl: cfg.cache_ttl,
                 negative_ttl: cfg.negative_cache_ttl,
             })
-            .support_invalidation_closures()
-            .build();
+            .build_with_hasher(TokenHashBuilder);
         let stale = Cache::builder()
             .max_capacity(cfg.cache_capacity)
             .time_to_live(cfg.stale_if_error.max(Duration::from_millis(1)))
-            .support_invalidation_closures()
-            .build();
+            .build_with_hasher(TokenHashBuilder);
         Authenticator {
+            id: NEXT_AUTHENTICATOR_ID.fetch_add(1, Ordering::Relaxed),
             keys,
             stale,
             store,
             store_timeout,
-            generation: AtomicU64::new(0),
+            cache_ttl: cfg.cache_ttl,
+            global: AtomicU64::new(0),
+            stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            user_epoch: AtomicU64::new(0),
+            lookups: Semaphore::new(MAX_INFLIGHT_LOOKUPS),
             metrics,
             throttle: Throttle::new(cfg.failure_limit, cfg.failure_window, 100_000),
         }
@@ -163,6 +262,25 @@ impl Authenticator {
         &self.store
     }
 
+    fn current_stamp(&self, hash: &TokenHash, user_stripe: Option<usize>) -> Stamp {
+        Stamp {
+            global: self.global.load(Ordering::Acquire),
+            key: self.stripes[key_stripe(hash)].load(Ordering::Acquire),
+            user: user_stripe.map_or(u64::MAX, |s| self.stripes[s].load(Ordering::Acquire)),
+        }
+    }
+
+    fn principal_valid(&self, hash: &TokenHash, p: &Principal) -> bool {
+        p.stamp == self.current_stamp(hash, Some(p.user_stripe))
+    }
+
+    fn entry_valid(&self, hash: &TokenHash, e: &Entry) -> bool {
+        match e {
+            Entry::Known(p) => self.principal_valid(hash, p),
+            Entry::Unknown { stamp } => *stamp == self.current_stamp(hash, None),
+        }
+    }
+
     /// Resolves a token hash to its principal: from the cache, else from the store.
     /// The caller still checks [`Principal::valid_at`] (deadline and disabled).
     pub async fn resolve(
@@ -170,62 +288,92 @@ impl Authenticator {
         hash: &TokenHash,
         routes: &RouteTable,
     ) -> Result<Arc<Principal>, AuthFailure> {
-        if let Some(entry) = self.keys.get(hash).await {
+        let now = now_ms();
+        if let Some(p) = self.front_get(hash, now) {
             self.metrics.cache_hits.inc();
-            return match entry {
-                Entry::Known(p) => Ok(p),
-                Entry::Unknown { .. } => Err(AuthFailure::Unknown),
-            };
+            return Ok(p);
+        }
+        if let Some(entry) = self.keys.get(hash).await {
+            if self.entry_valid(hash, &entry) {
+                self.metrics.cache_hits.inc();
+                return match entry {
+                    Entry::Known(p) => {
+                        self.front_put(hash, &p);
+                        Ok(p)
+                    }
+                    Entry::Unknown { .. } => Err(AuthFailure::Unknown),
+                };
+            }
+            // Loaded before an invalidation that concerns it.
+            self.keys.invalidate(hash).await;
         }
         self.metrics.cache_misses.inc();
         for _ in 0..RACE_RETRIES {
-            let started = self.generation.load(Ordering::Acquire);
-            let loaded = self
-                .keys
-                .try_get_with(*hash, self.load(hash, routes, started))
-                .await;
-            match loaded {
-                Ok(entry) => {
-                    if entry.generation() < self.generation.load(Ordering::Acquire) {
-                        // Loaded before an invalidation that may concern it: drop, retry.
-                        self.keys.invalidate(hash).await;
-                        continue;
-                    }
+            match self.keys.try_get_with(*hash, self.load(hash, routes)).await {
+                Ok(entry) if self.entry_valid(hash, &entry) => {
                     return match entry {
-                        Entry::Known(p) => Ok(p),
+                        Entry::Known(p) => {
+                            self.front_put(hash, &p);
+                            Ok(p)
+                        }
                         Entry::Unknown { .. } => Err(AuthFailure::Unknown),
                     };
                 }
+                // An invalidation arrived while this was loading: drop it and retry.
+                Ok(_) => self.keys.invalidate(hash).await,
                 Err(_) => return self.stale_or_unavailable(hash).await,
             }
         }
         // Invalidations keep racing this key: answer from a direct, uncached lookup.
-        match self
-            .load(hash, routes, self.generation.load(Ordering::Acquire))
-            .await
-        {
+        match self.load(hash, routes).await {
             Ok(Entry::Known(p)) => Ok(p),
             Ok(Entry::Unknown { .. }) => Err(AuthFailure::Unknown),
             Err(_) => self.stale_or_unavailable(hash).await,
         }
     }
 
+    fn front_get(&self, hash: &TokenHash, now: u64) -> Option<Arc<Principal>> {
+        FRONT.with(|f| {
+            let f = f.borrow();
+            if f.owner != self.id {
+                return None;
+            }
+            let p = f.map.get(hash)?;
+            (now < p.fresh_until_ms && self.principal_valid(hash, p)).then(|| p.clone())
+        })
+    }
+
+    fn front_put(&self, hash: &TokenHash, p: &Arc<Principal>) {
+        FRONT.with(|f| {
+            let mut f = f.borrow_mut();
+            if f.owner != self.id || f.map.len() >= FRONT_CAPACITY {
+                f.owner = self.id;
+                f.map.clear();
+            }
+            f.map.insert(*hash, p.clone());
+        });
+    }
+
     async fn stale_or_unavailable(&self, hash: &TokenHash) -> Result<Arc<Principal>, AuthFailure> {
         match self.stale.get(hash).await {
-            Some(p) => {
+            Some(p) if self.principal_valid(hash, &p) => {
                 self.metrics.stale_served.inc();
                 Ok(p)
             }
-            None => Err(AuthFailure::Unavailable),
+            _ => Err(AuthFailure::Unavailable),
         }
     }
 
-    async fn load(
-        &self,
-        hash: &TokenHash,
-        routes: &RouteTable,
-        generation: u64,
-    ) -> Result<Entry, StoreError> {
+    async fn load(&self, hash: &TokenHash, routes: &RouteTable) -> Result<Entry, StoreError> {
+        // Stamped before the lookup starts: an invalidation during it voids the answer.
+        let key_only = self.current_stamp(hash, None);
+        let epoch = self.user_epoch.load(Ordering::Acquire);
+        let Ok(_permit) = self.lookups.try_acquire() else {
+            self.metrics.store_errors.inc();
+            return Err(StoreError::Unavailable(
+                "too many store lookups in flight".into(),
+            ));
+        };
         self.metrics.store_lookups.inc();
         let started = Instant::now();
         let result = match tokio::time::timeout(self.store_timeout, self.store.lookup(hash)).await {
@@ -235,11 +383,23 @@ impl Authenticator {
         self.metrics.store_lookup_seconds.observe(started.elapsed());
         match result {
             Ok(Some(resolved)) => {
-                let p = Arc::new(Principal::from_resolved(&resolved, routes, generation));
+                let fresh_until = now_ms()
+                    .saturating_add(u64::try_from(self.cache_ttl.as_millis()).unwrap_or(u64::MAX));
+                let mut p = Principal::from_resolved(&resolved, routes, fresh_until);
+                // The user is known only now. Read its stripe, then the user epoch: an
+                // invalidation of any user since the lookup began shows in the epoch
+                // (bumped before the stripe), and then the entry is born invalid.
+                let user_gen = self.stripes[p.user_stripe].load(Ordering::Acquire);
+                let user_changed = self.user_epoch.load(Ordering::Acquire) != epoch;
+                p.stamp = Stamp {
+                    user: if user_changed { u64::MAX } else { user_gen },
+                    ..key_only
+                };
+                let p = Arc::new(p);
                 self.stale.insert(*hash, p.clone()).await;
                 Ok(Entry::Known(p))
             }
-            Ok(None) => Ok(Entry::Unknown { generation }),
+            Ok(None) => Ok(Entry::Unknown { stamp: key_only }),
             Err(e) => {
                 self.metrics.store_errors.inc();
                 tracing::warn!(error = %e, "store lookup failed");
@@ -248,29 +408,22 @@ impl Authenticator {
         }
     }
 
-    /// Applies an invalidation from the store. The generation is bumped first, so a
-    /// lookup in flight for the same key cannot re-insert its older answer.
+    /// Applies an invalidation from the store. The generation is bumped first, so every
+    /// copy loaded before this instant, wherever it is, stops being served.
     pub async fn invalidate(&self, what: &Invalidation) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
         self.metrics.invalidations.inc();
         match what {
             Invalidation::Key(hash) => {
+                self.stripes[key_stripe(hash)].fetch_add(1, Ordering::AcqRel);
                 self.keys.invalidate(hash).await;
                 self.stale.invalidate(hash).await;
             }
             Invalidation::User(id) => {
-                let id: Arc<str> = Arc::from(id.as_str());
-                let for_keys = id.clone();
-                let keyed = self.keys.invalidate_entries_if(move |_, e| match e {
-                    Entry::Known(p) => p.user_id == for_keys,
-                    Entry::Unknown { .. } => false,
-                });
-                let staled = self
-                    .stale
-                    .invalidate_entries_if(move |_, p| p.user_id == id);
-                if keyed.is_err() || staled.is_err() {
-                    self.flush_all("invalidation predicate refused");
-                }
+                // Entries of this user (and of the few others sharing its stripe) fail
+                // validation from now on and are reloaded on their next use. The epoch
+                // goes first: see `load`.
+                self.user_epoch.fetch_add(1, Ordering::AcqRel);
+                self.stripes[user_stripe(id)].fetch_add(1, Ordering::AcqRel);
             }
             Invalidation::All => self.flush_all("invalidate all"),
         }
@@ -278,15 +431,135 @@ impl Authenticator {
 
     /// Drops every cached answer, positive, negative and stale.
     pub fn flush_all(&self, reason: &'static str) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.global.fetch_add(1, Ordering::AcqRel);
         self.keys.invalidate_all();
         self.stale.invalidate_all();
         self.metrics.flush(reason);
         tracing::info!(reason, "auth cache flushed");
     }
 
-    /// Entries in the cache (approximate: moka counts lazily).
+    /// Entries in the shared cache (approximate: moka counts lazily).
     pub fn entry_count(&self) -> u64 {
         self.keys.entry_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::store::records::generate_secret_key;
+    use crate::store::{NewUser, Revocation};
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        auth: Authenticator,
+        routes: RouteTable,
+        token: TokenHash,
+    }
+
+    async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("file:{}", dir.path().join("s.json").display());
+        let store = Store::open(&url, "cg:", Duration::from_secs(1))
+            .await
+            .expect("store");
+        store
+            .create_user(NewUser {
+                id: "u1".into(),
+                kind: UserType::Api,
+                tenant: "t".into(),
+                name: String::new(),
+                grants: vec![],
+            })
+            .await
+            .expect("user");
+        let (token, key_id) = generate_secret_key();
+        let token = TokenHash::of(token.as_bytes());
+        store.add_key("u1", token, &key_id).await.expect("key");
+        let cfg = Config::parse("", Vec::new()).expect("config");
+        let auth = Authenticator::new(
+            store,
+            &cfg.auth,
+            Duration::from_secs(1),
+            Arc::new(Metrics::default()),
+        );
+        let routes = cfg.route_table().expect("routes");
+        Fixture {
+            _dir: dir,
+            auth,
+            routes,
+            token,
+        }
+    }
+
+    #[tokio::test]
+    async fn hits_come_from_the_front_after_the_first_load() {
+        let f = fixture().await;
+        let first = f.auth.resolve(&f.token, &f.routes).await.expect("known");
+        let lookups = f.auth.metrics.store_lookups.get();
+        let again = f.auth.resolve(&f.token, &f.routes).await.expect("known");
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(f.auth.metrics.store_lookups.get(), lookups);
+        assert!(f.auth.front_get(&f.token, now_ms()).is_some());
+    }
+
+    #[tokio::test]
+    async fn key_invalidation_voids_every_cached_copy() {
+        let f = fixture().await;
+        f.auth.resolve(&f.token, &f.routes).await.expect("known");
+        f.auth
+            .store()
+            .delete_key("u1", 1, Revocation::Now)
+            .await
+            .expect("delete");
+        // Until told, the cache still answers: that is what invalidation is for.
+        assert!(f.auth.resolve(&f.token, &f.routes).await.is_ok());
+        f.auth.invalidate(&Invalidation::Key(f.token)).await;
+        assert!(f.auth.front_get(&f.token, now_ms()).is_none());
+        assert_eq!(
+            f.auth.resolve(&f.token, &f.routes).await.err(),
+            Some(AuthFailure::Unknown)
+        );
+    }
+
+    #[tokio::test]
+    async fn user_invalidation_voids_entries_of_that_user() {
+        let f = fixture().await;
+        f.auth.resolve(&f.token, &f.routes).await.expect("known");
+        f.auth
+            .store()
+            .set_disabled("u1", true)
+            .await
+            .expect("disable");
+        f.auth.invalidate(&Invalidation::User("u1".into())).await;
+        let p = f
+            .auth
+            .resolve(&f.token, &f.routes)
+            .await
+            .expect("still known");
+        assert!(p.disabled, "reloaded after the user invalidation");
+    }
+
+    #[tokio::test]
+    async fn a_load_stamped_before_an_invalidation_is_never_valid() {
+        let f = fixture().await;
+        // A load that began before an invalidation of its key...
+        let entry = f.auth.load(&f.token, &f.routes).await.expect("load");
+        f.auth.invalidate(&Invalidation::Key(f.token)).await;
+        // ...is refused by validation wherever it is found, however late it is inserted.
+        assert!(!f.auth.entry_valid(&f.token, &entry));
+        f.auth.keys.insert(f.token, entry).await;
+        let lookups = f.auth.metrics.store_lookups.get();
+        f.auth.resolve(&f.token, &f.routes).await.expect("known");
+        assert_eq!(f.auth.metrics.store_lookups.get(), lookups + 1, "reloaded");
+    }
+
+    #[test]
+    fn stripes_spread() {
+        let a = TokenHash::of(b"a");
+        let b = TokenHash::of(b"b");
+        assert_ne!(key_stripe(&a), key_stripe(&b));
+        assert_ne!(user_stripe("alice"), user_stripe("bob"));
     }
 }

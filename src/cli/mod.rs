@@ -146,7 +146,8 @@ fn report(outcome: Result<Done, Failure>) -> ExitCode {
 
 fn run(cli: Cli) -> Result<Done, Failure> {
     if let Command::Demo = cli.command {
-        return multi_thread_runtime()?
+        let _log = crate::telemetry::init_logging();
+        return multi_thread_runtime(None)?
             .block_on(demo::run())
             .map(|()| Done::ok(String::new()))
             .map_err(|e| Failure::msg(format!("demo: {e}")));
@@ -162,7 +163,12 @@ fn run(cli: Cli) -> Result<Done, Failure> {
         Command::Config(ConfigCommand::Check) => Ok(config_check(loaded, cli.json)),
         Command::Serve => {
             let config = loaded.map_err(Failure::Config)?;
-            multi_thread_runtime()?
+            let _log = crate::telemetry::init_logging();
+            // Per-core workers run their own runtimes; this one only carries the admin
+            // listener and the store's invalidation tasks.
+            let threads =
+                (config.server.runtime == crate::config::RuntimeLayout::PerCore).then_some(1);
+            multi_thread_runtime(threads)?
                 .block_on(crate::server::serve(config, config_path))
                 .map(|()| Done::ok(String::new()))
                 .map_err(|e| Failure::msg(format!("serve: {e}")))
@@ -202,8 +208,13 @@ fn load_config(
     Config::load(path, env)
 }
 
-fn multi_thread_runtime() -> Result<tokio::runtime::Runtime, Failure> {
-    tokio::runtime::Builder::new_multi_thread()
+/// `threads = None`: one per core.
+fn multi_thread_runtime(threads: Option<usize>) -> Result<tokio::runtime::Runtime, Failure> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n);
+    }
+    builder
         .enable_all()
         .build()
         .map_err(|e| Failure::msg(format!("cannot start the async runtime: {e}")))

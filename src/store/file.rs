@@ -23,7 +23,7 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
 use super::records::UserRecords;
-use super::{NewUser, Resolved, Revocation, SecretKey, StoreError, TokenHash, User};
+use super::{AccessToken, NewUser, Resolved, Revocation, SecretKey, StoreError, TokenHash, User};
 
 /// The only file format this version reads and writes.
 const FORMAT_VERSION: u32 = 1;
@@ -97,8 +97,13 @@ impl Snapshot {
                     format!("user {id:?} has id {:?}", records.user.id),
                 ));
             }
-            for key in &records.keys {
-                if let Some(other) = index.insert(key.hash, id.clone()) {
+            for hash in records
+                .keys
+                .iter()
+                .map(|k| k.hash)
+                .chain(records.tokens.iter().map(|t| t.hash))
+            {
+                if let Some(other) = index.insert(hash, id.clone()) {
                     return Err(corrupt(
                         path,
                         format!("users {other:?} and {id:?} hold the same key"),
@@ -155,16 +160,25 @@ impl FileStore {
         let Some(records) = snap.index.get(hash).and_then(|id| snap.data.users.get(id)) else {
             return Ok(None);
         };
-        let now = now_ms();
         Ok(records
-            .keys
-            .iter()
-            .find(|k| k.hash == *hash && k.valid_at(now))
-            .map(|k| Resolved {
+            .resolve(hash, now_ms())
+            .map(|(key_id, deadline_ms, access_token)| Resolved {
                 user: records.user.clone(),
-                key_id: k.key_id.clone(),
-                deadline_ms: k.expires_ms,
+                key_id,
+                deadline_ms,
+                access_token,
             }))
+    }
+
+    pub fn issue_access_token(
+        &self,
+        id: &str,
+        parent: TokenHash,
+        hash: TokenHash,
+        lifetime: Duration,
+    ) -> Result<AccessToken, StoreError> {
+        let lifetime_ms = u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX);
+        self.mutate_user(id, |r, now| r.issue_token(parent, hash, lifetime_ms, now))
     }
 
     pub fn create_user(&self, user: NewUser) -> Result<User, StoreError> {

@@ -14,8 +14,17 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// SHA-256 of a whole bearer token string: the only form in which a secret is stored.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TokenHash(pub [u8; 32]);
+
+/// A SHA-256 output is already uniformly distributed: its first 8 bytes are the hash.
+impl std::hash::Hash for TokenHash {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(first));
+    }
+}
 
 impl TokenHash {
     /// Hashes the token exactly as it appeared on the wire.
@@ -160,6 +169,8 @@ pub struct Resolved {
     /// The instant from which the token is refused: the key's grace deadline, or for an
     /// access token the earlier of its own expiry and its parent's deadline.
     pub deadline_ms: Option<u64>,
+    /// Whether the token is an access token of the deprecated flow (not a secret key).
+    pub access_token: bool,
 }
 
 /// Fields of a new user.
@@ -200,6 +211,9 @@ pub enum StoreError {
     /// The store answered with something this version cannot read.
     #[error("store data is corrupt: {0}")]
     Corrupt(String),
+    /// Too many requests of a rate-limited kind (access tokens); nothing was written.
+    #[error("rate limited; retry in {retry_after_ms} ms")]
+    RateLimited { retry_after_ms: u64 },
 }
 
 impl StoreError {
@@ -295,6 +309,20 @@ impl Store {
     pub async fn keys(&self, id: &str) -> Result<Vec<SecretKey>, StoreError> {
         match self {
             Store::File(s) => s.keys(id),
+        }
+    }
+
+    /// Issues an access token (deprecated flow) for the user's secret key `parent`,
+    /// stored as `hash`; at most 5 per user per minute. Returns the token record.
+    pub async fn issue_access_token(
+        &self,
+        id: &str,
+        parent: TokenHash,
+        hash: TokenHash,
+        lifetime: Duration,
+    ) -> Result<AccessToken, StoreError> {
+        match self {
+            Store::File(s) => s.issue_access_token(id, parent, hash, lifetime),
         }
     }
 

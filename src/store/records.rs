@@ -10,7 +10,7 @@ use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{NewUser, Revocation, SecretKey, StoreError, TokenHash, User, UserType};
+use super::{AccessToken, NewUser, Revocation, SecretKey, StoreError, TokenHash, User, UserType};
 
 /// The two slots an API user's active keys occupy.
 pub const SLOTS: [u8; 2] = [1, 2];
@@ -30,7 +30,17 @@ pub struct UserRecords {
     pub user: User,
     #[serde(default)]
     pub keys: Vec<SecretKey>,
+    /// Access tokens of the deprecated flow that have not expired.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<AccessToken>,
+    /// When token requests were made in the last minute (for the rate limit).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub token_requests_ms: Vec<u64>,
 }
+
+/// Token requests allowed per user per [`TOKEN_RATE_WINDOW_MS`].
+pub const TOKEN_REQUESTS_PER_WINDOW: usize = 5;
+pub const TOKEN_RATE_WINDOW_MS: u64 = 60_000;
 
 impl UserRecords {
     /// A new user with no keys, after checking its fields.
@@ -49,14 +59,95 @@ impl UserRecords {
                 created_ms: now_ms,
             },
             keys: Vec::new(),
+            tokens: Vec::new(),
+            token_requests_ms: Vec::new(),
         };
         records.grant(&new.grants)?;
         Ok(records)
     }
 
-    /// Drops the keys whose deadline has passed.
+    /// Drops the keys whose deadline has passed, and the access tokens that expired or
+    /// whose parent key is gone.
     pub fn prune(&mut self, now_ms: u64) {
         self.keys.retain(|k| k.valid_at(now_ms));
+        let keys = &self.keys;
+        self.tokens
+            .retain(|t| now_ms < t.expires_ms && keys.iter().any(|k| k.hash == t.parent));
+        self.token_requests_ms
+            .retain(|&at| now_ms < at.saturating_add(TOKEN_RATE_WINDOW_MS));
+    }
+
+    /// What `hash` authenticates as at `now_ms`, if it is one of this user's keys or
+    /// access tokens: the key id and the deadline.
+    pub fn resolve(&self, hash: &TokenHash, now_ms: u64) -> Option<(String, Option<u64>, bool)> {
+        if let Some(k) = self
+            .keys
+            .iter()
+            .find(|k| k.hash == *hash && k.valid_at(now_ms))
+        {
+            return Some((k.key_id.clone(), k.expires_ms, false));
+        }
+        let t = self
+            .tokens
+            .iter()
+            .find(|t| t.hash == *hash && now_ms < t.expires_ms)?;
+        let parent = self
+            .keys
+            .iter()
+            .find(|k| k.hash == t.parent && k.valid_at(now_ms))?;
+        let deadline = parent
+            .expires_ms
+            .map_or(t.expires_ms, |d| d.min(t.expires_ms));
+        Some((parent.key_id.clone(), Some(deadline), true))
+    }
+
+    /// Issues an access token for the secret key `parent` of this user.
+    ///
+    /// Refused for a `ui` or disabled user, for a parent that is not one of the user's
+    /// working keys, and past [`TOKEN_REQUESTS_PER_WINDOW`] requests in the window
+    /// ([`StoreError::RateLimited`]).
+    pub fn issue_token(
+        &mut self,
+        parent: TokenHash,
+        hash: TokenHash,
+        lifetime_ms: u64,
+        now_ms: u64,
+    ) -> Result<AccessToken, StoreError> {
+        self.prune(now_ms);
+        if self.user.kind == UserType::Ui || self.user.disabled {
+            return Err(StoreError::refused(format!(
+                "user {} cannot get access tokens",
+                self.user.id
+            )));
+        }
+        if !self.keys.iter().any(|k| k.hash == parent) {
+            return Err(StoreError::refused(
+                "the credentials are not a key of this user",
+            ));
+        }
+        if self.token_requests_ms.len() >= TOKEN_REQUESTS_PER_WINDOW {
+            let oldest = self
+                .token_requests_ms
+                .iter()
+                .min()
+                .copied()
+                .unwrap_or(now_ms);
+            return Err(StoreError::RateLimited {
+                retry_after_ms: oldest
+                    .saturating_add(TOKEN_RATE_WINDOW_MS)
+                    .saturating_sub(now_ms)
+                    .max(1),
+            });
+        }
+        self.token_requests_ms.push(now_ms);
+        let token = AccessToken {
+            hash,
+            user_id: self.user.id.clone(),
+            parent,
+            expires_ms: now_ms.saturating_add(lifetime_ms),
+        };
+        self.tokens.push(token.clone());
+        Ok(token)
     }
 
     /// The active key in `slot`, if any.

@@ -1,0 +1,305 @@
+//! Issue 2, point 1: a granted key reaches the backend, and what the backend sees is
+//! the canonical path, the query as sent, the gateway's identity headers and nothing
+//! the client should not control; bodies stream through byte-identical both ways.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{EVENTS, RecordingBackend, Req, TENANT, TestEnv, key_id_of, payload, raw, sha256_hex};
+
+/// Headers the backend must never see from a client: hop-by-hop ones (including the
+/// one named by `Connection`) and method overrides.
+const STRIPPED_REQUEST_HEADERS: &[&str] = &[
+    "connection",
+    "x-drop-me",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+    "proxy-authorization",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "authorization",
+];
+
+const IDENTITY_HEADERS: &[&str] = &[
+    "x-campaign-user-id",
+    "x-campaign-tenant",
+    "x-campaign-api",
+    "x-campaign-key-id",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn granted_key_reaches_backend_with_canonical_path_and_clean_headers() {
+    let backend = RecordingBackend::start().await;
+    let env = TestEnv::with_upstream(&backend.url());
+    let token = env.create_api_user("alice", &["events"]);
+    let gateway = env.start_gateway().await;
+
+    // `%65` is an escaped `e`: the gateway must decode it and forward the decoded path.
+    // The query is odd but valid and must arrive exactly as sent, escapes included.
+    let query = "?a=%2F&b=1&a=2&empty=&flag&t=%7e";
+    let body = r#"{"event":"signup","n":1}"#;
+    let resp = Req::post(&format!("/campaignapi/resources/v3/%65vents{query}"))
+        .bearer(&token)
+        .header("host", "api.example.test")
+        .header("content-type", "application/json")
+        .header("X-Campaign-User-Id", "evil")
+        .header("x-CAMPAIGN-tenant", "evil")
+        .header("X-Campaign-Api", "evil")
+        .header("X-Campaign-Key-Id", "evil")
+        .header("X-Campaign-Role", "admin")
+        .header("Connection", "keep-alive, X-Drop-Me")
+        .header("X-Drop-Me", "1")
+        .header("Keep-Alive", "timeout=5")
+        .header("TE", "trailers")
+        .header("Trailer", "X-Checksum")
+        .header("Proxy-Connection", "keep-alive")
+        .header("Proxy-Authorization", "Basic dXNlcjpwYXNz")
+        .header("X-HTTP-Method-Override", "DELETE")
+        .header("X-HTTP-Method", "DELETE")
+        .header("X-Method-Override", "DELETE")
+        .header("X-Kept", "one")
+        .header("X-Kept", "two")
+        .body(body)
+        .send(gateway.addr)
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.body, "backend ok");
+
+    let seen = backend.single_request();
+    assert_eq!(seen.method, "POST");
+    assert_eq!(seen.target, format!("{EVENTS}{query}"));
+
+    assert_eq!(seen.header("x-campaign-user-id").as_deref(), Some("alice"));
+    assert_eq!(seen.header("x-campaign-tenant").as_deref(), Some(TENANT));
+    assert_eq!(seen.header("x-campaign-api").as_deref(), Some("events"));
+    let key_id = key_id_of(&token);
+    assert_eq!(
+        seen.header("x-campaign-key-id").as_deref(),
+        Some(key_id.as_str())
+    );
+    let listed = env.cli_json(&["keys", "list", "alice"]);
+    assert_eq!(
+        listed[0]["key_id"].as_str(),
+        Some(key_id.as_str()),
+        "{listed}"
+    );
+
+    let identity: Vec<&String> = seen
+        .headers
+        .iter()
+        .map(|(n, _)| n)
+        .filter(|n| n.starts_with("x-campaign-"))
+        .collect();
+    assert_eq!(
+        identity, IDENTITY_HEADERS,
+        "only the gateway's identity headers, once each"
+    );
+    for name in STRIPPED_REQUEST_HEADERS {
+        assert!(
+            !seen.has_header(name),
+            "backend received {name}: {:?}",
+            seen.header_all(name)
+        );
+    }
+
+    assert_eq!(seen.header_all("x-kept"), ["one", "two"]);
+    assert_eq!(seen.header("host").as_deref(), Some("api.example.test"));
+    assert_eq!(
+        seen.header("content-type").as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(seen.body(), body.as_bytes());
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_megabyte_upload_streams_through_byte_identical() {
+    let backend = RecordingBackend::start().await;
+    let env = TestEnv::with_upstream(&backend.url());
+    let token = env.create_api_user("alice", &["events"]);
+    let gateway = env.start_gateway().await;
+    let data = payload(5 * 1024 * 1024, 0x5eed);
+
+    // Chunked, in frames of 64 KiB: the gateway cannot know the length up front.
+    let resp = Req::post(EVENTS)
+        .bearer(&token)
+        .chunked(&data, 64 * 1024)
+        .send(gateway.addr)
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    // With a Content-Length as well.
+    let resp = Req::post(EVENTS)
+        .bearer(&token)
+        .body(data.clone())
+        .send(gateway.addr)
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+
+    let requests = backend.requests();
+    assert_eq!(requests.len(), 2);
+    for (seen, how) in requests.iter().zip(["chunked", "content-length"]) {
+        let got = seen.body();
+        assert_eq!(
+            (got.len(), sha256_hex(got)),
+            (data.len(), sha256_hex(&data)),
+            "{how} upload arrived changed"
+        );
+        if let Some(length) = seen.header("content-length") {
+            assert_eq!(length, data.len().to_string(), "{how}");
+        }
+    }
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_megabyte_download_streams_through_byte_identical() {
+    let data = payload(5 * 1024 * 1024, 0xd0_4e);
+    let backend = RecordingBackend::builder()
+        .streamed_body(data.clone(), 64 * 1024)
+        .start()
+        .await;
+    let env = TestEnv::with_upstream(&backend.url());
+    let token = env.create_api_user("alice", &["campaigns"]);
+    let gateway = env.start_gateway().await;
+
+    let resp = Req::get("/campaignapi/resources/v3/campaigncontents/42")
+        .bearer(&token)
+        .send(gateway.addr)
+        .await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(
+        (resp.body.len(), sha256_hex(&resp.body)),
+        (data.len(), sha256_hex(&data))
+    );
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_response_headers_are_removed() {
+    let backend = RecordingBackend::builder()
+        .header("connection", "x-backend-secret")
+        .header("x-backend-secret", "1")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-authenticate", "Basic realm=\"backend\"")
+        .header("x-backend-kept", "yes")
+        .start()
+        .await;
+    let env = TestEnv::with_upstream(&backend.url());
+    let token = env.create_api_user("alice", &["events"]);
+    let gateway = env.start_gateway().await;
+
+    let resp = Req::post(EVENTS).bearer(&token).send(gateway.addr).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.header("x-backend-kept"), Some("yes"));
+    for name in ["x-backend-secret", "keep-alive", "proxy-authenticate"] {
+        assert!(
+            resp.header(name).is_none(),
+            "client received {name}: {:?}",
+            resp.headers
+        );
+    }
+    if let Some(connection) = resp.header("connection") {
+        assert!(
+            !connection.to_ascii_lowercase().contains("x-backend-secret"),
+            "backend's Connection header leaked: {connection}"
+        );
+    }
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_id_is_kept_when_sane_and_generated_otherwise() {
+    let backend = RecordingBackend::start().await;
+    let env = TestEnv::with_upstream(&backend.url());
+    let token = env.create_api_user("alice", &["events"]);
+    let gateway = env.start_gateway().await;
+
+    let resp = Req::post(EVENTS)
+        .bearer(&token)
+        .header("x-request-id", "test-request-42")
+        .send(gateway.addr)
+        .await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("x-request-id"), Some("test-request-42"));
+
+    let resp = Req::post(EVENTS)
+        .bearer(&token)
+        .header("x-request-id", "x".repeat(129))
+        .send(gateway.addr)
+        .await;
+    assert_eq!(resp.status, 200);
+    let generated = resp.header("x-request-id").expect("a generated request id");
+    assert!(!generated.is_empty() && generated != "x".repeat(129));
+
+    let requests = backend.requests();
+    assert_eq!(
+        requests[0].header("x-request-id").as_deref(),
+        Some("test-request-42")
+    );
+    assert_eq!(
+        requests[1].header("x-request-id").as_deref(),
+        Some(generated)
+    );
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_forwarded_headers_are_replaced() {
+    let backend = RecordingBackend::start().await;
+    let env = TestEnv::with_upstream(&backend.url());
+    let token = env.create_api_user("alice", &["events"]);
+    let gateway = env.start_gateway().await;
+
+    let resp = Req::post(EVENTS)
+        .bearer(&token)
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-proto", "gopher")
+        .header("x-forwarded-host", "evil.example")
+        .send(gateway.addr)
+        .await;
+    assert_eq!(resp.status, 200);
+    let seen = backend.single_request();
+    for (name, forged) in [
+        ("x-forwarded-for", "6.6.6.6"),
+        ("x-forwarded-proto", "gopher"),
+        ("x-forwarded-host", "evil.example"),
+    ] {
+        assert!(
+            seen.header_all(name).iter().all(|v| !v.contains(forged)),
+            "{name} from an untrusted client reached the backend: {:?}",
+            seen.header_all(name)
+        );
+    }
+    assert_eq!(seen.header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absolute_form_target_is_forwarded_in_origin_form() {
+    let backend = RecordingBackend::start().await;
+    let env = TestEnv::with_upstream(&backend.url());
+    let token = env.create_api_user("alice", &["events"]);
+    let gateway = env.start_gateway().await;
+
+    let request = format!(
+        "POST http://api.example.test{EVENTS}?x=1 HTTP/1.1\r\n\
+         Host: api.example.test\r\n\
+         Authorization: Bearer {token}\r\n\
+         Content-Length: 0\r\n\
+         Connection: close\r\n\r\n"
+    );
+    let reply = raw(gateway.addr, request.as_bytes()).await;
+    let resp = reply.response();
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    backend
+        .wait_for_requests(1, Duration::from_secs(5))
+        .await
+        .expect("request forwarded");
+    assert_eq!(backend.single_request().target, format!("{EVENTS}?x=1"));
+    gateway.shutdown().await;
+}
