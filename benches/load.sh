@@ -12,9 +12,10 @@
 #  4. starts the peers on the same backend: nginx `proxy_pass` without auth, nginx with
 #     `auth_request` to a one-line location (`return 204`), both with WORKERS worker
 #     processes, upstream keep-alive, `access_log off`;
-#  5. starts campaign-gate (TOKIO_WORKER_THREADS=WORKERS: the binary has no worker knob of
-#     its own, tokio's default builder reads that variable) on a private redis-server
-#     when the binary supports `redis://` stores, else on the `file:` store (said so);
+#  5. starts campaign-gate with WORKERS workers (`[server] workers`; for the
+#     `multi-thread` layout also TOKIO_WORKER_THREADS) in its default runtime layout
+#     (GATE_RUNTIME=multi-thread for the other one) on a private redis-server when the
+#     binary supports `redis://` stores, else on the `file:` store (said so);
 #  6. creates API users and keys with the CLI (the 10,000 cold keys in bulk: with the
 #     `file:` store by writing the store's JSON, with Redis through the CLI in parallel);
 #  7. drives keep-alive load with wrk (-t THREADS -c CONNS -d DURATION, a Lua script
@@ -25,9 +26,13 @@
 # campaign-gate), cold keys (10,000 keys each used once), invalidation storm (Redis only),
 # h2c downstream (h2load), 10 MB upload (curl). TLS: see the TLS hook below.
 #
+# Access logs are off on every proxy (nginx `access_log off`, campaign-gate
+# CAMPAIGN_GATE_LOG=warn); ACCESS_LOG=1 turns them on for all (to files).
+#
 # Environment: RUNS (3), DURATION seconds (10), CONNS (64), THREADS wrk threads (2),
-# WORKERS proxy workers (2), OUT results dir (target/load-bench), SKIP_BUILD=1,
-# KEEP=1 keeps the scratch dir. Results: $OUT/results.md and the raw runs beside it.
+# WORKERS proxy workers (2), GATE_RUNTIME (the binary's default), ACCESS_LOG (0),
+# OUT results dir (target/load-bench), SKIP_BUILD=1, KEEP=1 keeps the scratch dir.
+# Results: $OUT/results.md and the raw runs beside it.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -36,6 +41,8 @@ DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
 THREADS=${THREADS:-2}
 WORKERS=${WORKERS:-2}
+ACCESS_LOG=${ACCESS_LOG:-0}
+GATE_RUNTIME=${GATE_RUNTIME:-}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 OUT=${OUT:-$TARGET_DIR/load-bench}
 BIN=$TARGET_DIR/release/campaign-gate
@@ -161,7 +168,7 @@ pid $dir/nginx.pid;
 error_log $dir/error.log warn;
 events { worker_connections 8192; }
 http {
-  access_log off;
+  $([ "$ACCESS_LOG" = 1 ] && [ "$1" != backend ] && echo "access_log $dir/access.log;" || echo "access_log off;")
   default_type text/plain;
   keepalive_requests 1000000;
   keepalive_timeout 75s;
@@ -300,7 +307,11 @@ done
 
 GATE_PID=""
 start_gate() {
-  TOKIO_WORKER_THREADS=$WORKERS "$BIN" serve --config "$WORK/gate.toml" >"$WORK/gate.out" 2>>"$WORK/gate.err" &
+  local log=warn
+  [ "$ACCESS_LOG" = 1 ] && log=info
+  env TOKIO_WORKER_THREADS="$WORKERS" CAMPAIGN_GATE_SERVER_WORKERS="$WORKERS" CAMPAIGN_GATE_LOG=$log \
+    ${GATE_RUNTIME:+CAMPAIGN_GATE_SERVER_RUNTIME=$GATE_RUNTIME} \
+    "$BIN" serve --config "$WORK/gate.toml" >"$WORK/gate.out" 2>>"$WORK/gate.err" &
   GATE_PID=$!
   STARTED+=("$GATE_PID")
   local i
@@ -576,7 +587,8 @@ GATE_RPS=$(median_of "$RUNS_TSV" campaign_gate 3)
   echo "Machine: $(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), $(uname -r);" \
     "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
   echo "wrk -t$THREADS -c$CONNS -d${DURATION}s, $RUNS runs per scenario (interleaved), medians of each column;" \
-    "proxies with $WORKERS workers; backend: nginx, 1 worker, \`return 200\`; store: **$STORE_KIND**."
+    "proxies with $WORKERS workers (campaign-gate runtime: ${GATE_RUNTIME:-default}); backend: nginx, 1 worker, \`return 200\`;" \
+    "access logs $([ "$ACCESS_LOG" = 1 ] && echo on || echo off); store: **$STORE_KIND**."
   echo
   echo "| scenario | req/s | p50 ms | p99 ms | p99.9 ms | proxy CPU s / 10k req | vs nginx proxy_pass | vs nginx auth_request |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|"

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Runtime-layout and allocator comparison for campaign-gate, without rebuilding: the same
-# release binary under several environments (TOKIO_WORKER_THREADS, an allocator by
-# LD_PRELOAD, which Rust's default System allocator honours), warm keys only, runs
-# interleaved across variants. Needs what benches/load.sh installs and builds.
+# Runtime-layout, allocator and logging comparison for campaign-gate, without rebuilding:
+# the same release binary under several environments (`[server] runtime` and `workers`
+# by their CAMPAIGN_GATE_* overrides, an allocator by LD_PRELOAD, which Rust's default
+# System allocator honours, the request log on or off), warm keys only, runs interleaved
+# across variants. The log is off (CAMPAIGN_GATE_LOG=warn) unless a variant sets it.
+# Needs what benches/load.sh installs and builds.
 #
 #   benches/variants.sh            (env: RUNS 3, DURATION 8, CONNS 64, THREADS 2)
 set -euo pipefail
@@ -15,10 +17,12 @@ BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/campaign-gate
 LIB=/usr/lib/x86_64-linux-gnu
 ROUTE=/campaignapi/resources/v3/campaigncontents/4711
 VARIANTS=(
-  "glibc-2w TOKIO_WORKER_THREADS=2"
-  "glibc-1w TOKIO_WORKER_THREADS=1"
-  "jemalloc-2w TOKIO_WORKER_THREADS=2 LD_PRELOAD=$LIB/libjemalloc.so.2"
-  "mimalloc-2w TOKIO_WORKER_THREADS=2 LD_PRELOAD=$LIB/libmimalloc.so.2"
+  "per-core-2w CAMPAIGN_GATE_SERVER_WORKERS=2"
+  "multi-thread-2w CAMPAIGN_GATE_SERVER_RUNTIME=multi-thread TOKIO_WORKER_THREADS=2"
+  "per-core-1w CAMPAIGN_GATE_SERVER_WORKERS=1"
+  "per-core-2w-jemalloc CAMPAIGN_GATE_SERVER_WORKERS=2 LD_PRELOAD=$LIB/libjemalloc.so.2"
+  "per-core-2w-mimalloc CAMPAIGN_GATE_SERVER_WORKERS=2 LD_PRELOAD=$LIB/libmimalloc.so.2"
+  "per-core-2w-log-info CAMPAIGN_GATE_SERVER_WORKERS=2 CAMPAIGN_GATE_LOG=info"
 )
 [ -x "$BIN" ] || { echo "build first: benches/load.sh (or cargo build --release)" >&2; exit 1; }
 if [ ! -e "$LIB/libjemalloc.so.2" ] || [ ! -e "$LIB/libmimalloc.so.2" ]; then
@@ -94,7 +98,7 @@ for run in $(seq "$RUNS"); do
   for v in "${VARIANTS[@]}"; do
     read -r name envs <<<"$v"
     # shellcheck disable=SC2086
-    env $envs "$BIN" serve --config "$WORK/gate.toml" >"$WORK/gate.out" 2>&1 &
+    env CAMPAIGN_GATE_LOG=warn $envs "$BIN" serve --config "$WORK/gate.toml" >"$WORK/gate.out" 2>"$WORK/gate.err" &
     pid=$!
     STARTED+=("$pid")
     wait_port "$GATE"
