@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //! Data flows one way: listener -> connection -> pipeline -> forwarder.
-//! - [`server`]: listeners, hyper connections, limits, the request handler, shutdown, reload.
+//! - [`server`]: listeners, hyper connections ([`connection`], [`tls`]), limits, the request handler, shutdown, reload.
 //! - [`pipeline`]: the per-request decision: sanity -> authenticate -> route -> authorize.
 //! - [`path`]: canonical paths. [`routes`]: the route table and API ids.
 //! - [`auth`]: bearer parsing, token hashing, principals, the cache and invalidation.
@@ -27,4 +27,5 @@ pub mod routes;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod tokens;

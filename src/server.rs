@@ -29,7 +29,9 @@ use crate::forward::{Forwarder, GateBody, LimitedBody};
 use crate::headers::{self, X_REQUEST_ID};
 use crate::pipeline::{self, Policy};
 use crate::store::Store;
+use crate::store::file::FileStore;
 use crate::telemetry::Metrics;
+use crate::tls::Tls;
 use crate::tokens;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -39,6 +41,8 @@ pub struct Gate {
     pub policy: ArcSwap<Policy>,
     pub auth: Authenticator,
     pub metrics: Arc<Metrics>,
+    /// TLS termination, when `[server] tls` is set.
+    pub tls: Option<Tls>,
     /// Latched true once the store answered and invalidation is live; never unset.
     pub ready: AtomicBool,
 }
@@ -87,15 +91,17 @@ impl Gateway {
             .map_err(|e| format!("admin.listen {}: {e}", config.admin.listen))?;
         let addr = listeners[0].local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
-        let poll = config
-            .auth
-            .invalidation_check_interval
-            .min(Duration::from_millis(200));
+        let check_interval = config.auth.invalidation_check_interval;
+        let tls = match &config.server.tls {
+            Some(t) => Some(Tls::load(t)?),
+            None => None,
+        };
         let policy = Policy::new(config).map_err(|e| format!("invalid config: {e}"))?;
         let gate = Arc::new(Gate {
             policy: ArcSwap::from_pointee(policy),
             auth,
             metrics,
+            tls,
             ready: AtomicBool::new(false),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -106,7 +112,13 @@ impl Gateway {
                 gate.clone(),
                 shutdown_rx.clone(),
             )),
-            tokio::spawn(watch_store(gate.clone(), store, poll, shutdown_rx)),
+            tokio::spawn(watch_store(
+                gate.clone(),
+                store,
+                check_interval,
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(housekeeping(gate.clone(), shutdown_rx)),
         ]);
         Ok(Gateway {
             addr,
@@ -119,8 +131,12 @@ impl Gateway {
 
     /// Replaces the policy (routes, grants config) with one built from `config`; the
     /// old one keeps serving when the new one is invalid.
+    /// TLS material is re-read from the paths given at start.
     pub fn reload(&self, config: Config) -> Result<(), String> {
         let policy = Policy::new(config)?;
+        if let Some(tls) = &self.gate.tls {
+            tls.reload()?;
+        }
         self.gate.policy.store(Arc::new(policy));
         // Cached grants were compiled against the old route table.
         self.gate.auth.flush_all("config reload");
@@ -302,13 +318,14 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let gate = &worker.gate;
-    let (builder, idle, grace) = {
+    let (builder, idle, grace, handshake_timeout) = {
         let policy = gate.policy.load();
         let s = &policy.config.server;
         (
-            connection_builder(&policy.config),
+            Arc::new(connection_builder(&policy.config)),
             s.idle_timeout,
             s.shutdown_grace,
+            s.header_read_timeout,
         )
     };
     let limit = Arc::new(Semaphore::new(max));
@@ -338,20 +355,26 @@ async fn accept_loop(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (io, activity) = ActivityIo::new(stream);
-        let conn_worker = worker.clone();
-        let peer_header = headers::ip_header_value(peer.ip());
-        let svc =
-            service_fn(move |req| handle(conn_worker.clone(), peer, peer_header.clone(), req));
-        let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
-        let metrics = gate.metrics.clone();
-        let shutdown = shutdown.clone();
+        let conn = Conn {
+            worker: worker.clone(),
+            builder: builder.clone(),
+            peer,
+            idle,
+            shutdown: shutdown.clone(),
+        };
+        let tls = gate.tls.as_ref().map(|t| (t.acceptor(), handshake_timeout));
         tokio::spawn(async move {
+            let metrics = conn.worker.gate.metrics.clone();
             metrics.open_connections.add(1);
-            if let Err(e) =
-                connection::drive(conn, |c| c.graceful_shutdown(), activity, idle, shutdown).await
-            {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            match tls {
+                None => conn.serve(stream, "http").await,
+                Some((acceptor, timeout)) => {
+                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => conn.serve(tls_stream, "https").await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
             }
             metrics.open_connections.sub(1);
             drop(slot);
@@ -369,29 +392,117 @@ async fn accept_loop(
     }
 }
 
-/// Applies store changes to the cache: for the `file:` store, polls the file.
+/// One accepted connection, before its protocol (plain or TLS) is known.
+struct Conn {
+    worker: Arc<Worker>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    peer: SocketAddr,
+    idle: Duration,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Conn {
+    /// Serves HTTP on `io` until the connection ends. `proto` is what
+    /// `X-Forwarded-Proto` says.
+    async fn serve<IO>(self, io: IO, proto: &'static str)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (io, activity) = ActivityIo::new(io);
+        let worker = self.worker;
+        let peer = self.peer;
+        let peer_header = headers::ip_header_value(peer.ip());
+        let svc =
+            service_fn(move |req| handle(worker.clone(), peer, peer_header.clone(), proto, req));
+        let conn = self
+            .builder
+            .serve_connection(TokioIo::new(io), svc)
+            .into_owned();
+        if let Err(e) = connection::drive(
+            conn,
+            |c| c.graceful_shutdown(),
+            activity,
+            self.idle,
+            self.shutdown,
+        )
+        .await
+        {
+            tracing::debug!(error = %e, %peer, "connection ended with an error");
+        }
+    }
+}
+
+/// Applies store changes to the cache: for the `file:` store, polls the file; for Redis,
+/// follows the invalidation channel ([`crate::auth::invalidation`]). Latches `ready`.
 async fn watch_store(
     gate: Arc<Gate>,
     store: Store,
-    every: Duration,
+    check_interval: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    match store {
+        Store::File(file) => watch_file(&gate, &file, check_interval, &mut shutdown).await,
+        Store::Redis(redis) => {
+            crate::auth::invalidation::follow(
+                &redis,
+                &gate.auth,
+                &gate.metrics,
+                &gate.ready,
+                check_interval,
+                &mut shutdown,
+            )
+            .await;
+        }
+    }
+}
+
+/// Re-reads the store file when it changes (every 200 ms, or the check interval if
+/// shorter) and flushes the cache then.
+async fn watch_file(
+    gate: &Gate,
+    file: &FileStore,
+    check_interval: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) {
     gate.ready.store(true, Ordering::Release);
-    let mut tick = tokio::time::interval(every);
+    let mut tick = tokio::time::interval(check_interval.min(Duration::from_millis(200)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        match &store {
-            Store::File(file) => match file.reload_if_changed() {
-                Ok(true) => gate.auth.flush_all("store file changed"),
+        match file.reload_if_changed() {
+            Ok(true) => gate.auth.flush_all("store file changed"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "store file reload failed; keeping the last good copy")
+            }
+        }
+    }
+}
+
+/// Once a second: re-reads the TLS files if they changed, and samples the cache size.
+async fn housekeeping(gate: Arc<Gate>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if let Some(tls) = &gate.tls {
+            match tls.reload_if_changed() {
+                Ok(true) => {
+                    gate.metrics.tls_reloads.inc();
+                    tracing::info!("TLS certificate reloaded");
+                }
                 Ok(false) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "store file reload failed; keeping the last good copy")
+                    gate.metrics.tls_reload_errors.inc();
+                    tracing::error!(error = %e, "TLS reload refused; keeping the old certificate");
                 }
-            },
+            }
         }
         gate.metrics.cache_entries.set(gate.auth.entry_count());
     }
@@ -402,6 +513,7 @@ async fn handle(
     worker: Arc<Worker>,
     peer: SocketAddr,
     peer_header: HeaderValue,
+    proto: &'static str,
     req: Request<Incoming>,
 ) -> Result<Response<GateBody>, Infallible> {
     let started = Instant::now();
@@ -484,7 +596,7 @@ async fn handle(
             {
                 h.insert(HOST, a);
             }
-            headers::set_forwarded(h, &peer_header, peer_trusted, "http");
+            headers::set_forwarded(h, &peer_header, peer_trusted, proto);
             h.insert(X_REQUEST_ID, request_id.clone());
             h.insert(
                 policy.identity.user_id.clone(),

@@ -143,6 +143,8 @@ pub struct Metrics {
     pub open_connections: Gauge,
     pub connections_refused: Counter,
     pub auth_throttled: Counter,
+    pub tls_reloads: Counter,
+    pub tls_reload_errors: Counter,
     flushes: Mutex<Vec<(&'static str, u64)>>,
 }
 
@@ -201,7 +203,17 @@ impl Metrics {
             "campaign_gate_store_lookup_duration_seconds",
             "Store lookups on cache misses.",
         );
-        let counters: [(&str, &str, &Counter); 12] = [
+        let counters: [(&str, &str, &Counter); 14] = [
+            (
+                "campaign_gate_tls_reloads_total",
+                "TLS certificate reloads.",
+                &self.tls_reloads,
+            ),
+            (
+                "campaign_gate_tls_reload_errors_total",
+                "TLS reloads refused (bad files); the old certificate kept serving.",
+                &self.tls_reload_errors,
+            ),
             (
                 "campaign_gate_connections_refused_total",
                 "Connections closed at accept: the client address held too many.",

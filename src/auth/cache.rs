@@ -49,8 +49,8 @@ const FRONT_CAPACITY: usize = 16_384;
 /// "store unavailable" instead of queueing behind a slow store.
 const MAX_INFLIGHT_LOOKUPS: usize = 256;
 
-/// How many times a load that raced an invalidation is retried before its (fresh)
-/// answer is returned uncached.
+/// How many times a load that raced an invalidation is retried before one last,
+/// uncached lookup (whose answer is still refused if it raced too).
 const RACE_RETRIES: usize = 3;
 
 /// The generations an entry was loaded under.
@@ -324,8 +324,10 @@ impl Authenticator {
                 Err(_) => return self.stale_or_unavailable(hash).await,
             }
         }
-        // Invalidations keep racing this key: answer from a direct, uncached lookup.
+        // Invalidations keep racing this key: answer from a direct, uncached lookup,
+        // unless that one was overtaken too (never fail open).
         match self.load(hash, routes).await {
+            Ok(entry) if !self.entry_valid(hash, &entry) => Err(AuthFailure::Unavailable),
             Ok(Entry::Known(p)) => Ok(p),
             Ok(Entry::Unknown { .. }) => Err(AuthFailure::Unknown),
             Err(_) => self.stale_or_unavailable(hash).await,

@@ -1,7 +1,9 @@
-//! Authentication: bearer parsing, token hashing, principals, and the cache over the store.
+//! Authentication: bearer parsing, token hashing, principals, the cache over the store,
+//! and keeping that cache in step with the store ([`invalidation`]).
 
 pub mod bearer;
 pub mod cache;
+pub mod invalidation;
 pub mod throttle;
 
 pub use cache::{AuthFailure, Authenticator, Principal, now_ms};

@@ -1,11 +1,12 @@
 //! The key store: users, their secret keys, grants and access tokens, behind one
-//! interface with one implementation per backend (`file:` now, `redis://` next).
+//! interface with one implementation per backend (`file:` and `redis://`).
 //!
 //! Domain rules (two slots, promotion, grace) live in [`records`] as pure functions so
 //! that every backend applies the same ones; a backend only adds storage and atomicity.
 
 pub mod file;
 pub mod records;
+pub mod redis;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -227,14 +228,19 @@ impl StoreError {
 #[derive(Clone)]
 pub enum Store {
     File(Arc<file::FileStore>),
+    Redis(Arc<redis::RedisStore>),
 }
 
 impl Store {
     /// Opens the store named by a `[store] url`.
     pub async fn open(url: &str, prefix: &str, timeout: Duration) -> Result<Store, StoreError> {
-        let _ = (prefix, timeout);
         if let Some(path) = url.strip_prefix("file:") {
             return Ok(Store::File(Arc::new(file::FileStore::open(path.as_ref())?)));
+        }
+        if url.starts_with("redis://") || url.starts_with("rediss://") {
+            return Ok(Store::Redis(Arc::new(redis::RedisStore::open(
+                url, prefix, timeout,
+            )?)));
         }
         Err(StoreError::Unavailable(format!(
             "unsupported store url {url:?}"
@@ -246,30 +252,35 @@ impl Store {
     pub async fn lookup(&self, hash: &TokenHash) -> Result<Option<Resolved>, StoreError> {
         match self {
             Store::File(s) => s.lookup(hash),
+            Store::Redis(s) => s.lookup(hash).await,
         }
     }
 
     pub async fn create_user(&self, user: NewUser) -> Result<User, StoreError> {
         match self {
             Store::File(s) => s.create_user(user),
+            Store::Redis(s) => s.create_user(user).await,
         }
     }
 
     pub async fn user(&self, id: &str) -> Result<Option<User>, StoreError> {
         match self {
             Store::File(s) => s.user(id),
+            Store::Redis(s) => s.user(id).await,
         }
     }
 
     pub async fn users(&self) -> Result<Vec<User>, StoreError> {
         match self {
             Store::File(s) => s.users(),
+            Store::Redis(s) => s.users().await,
         }
     }
 
     pub async fn set_disabled(&self, id: &str, disabled: bool) -> Result<User, StoreError> {
         match self {
             Store::File(s) => s.set_disabled(id, disabled),
+            Store::Redis(s) => s.set_disabled(id, disabled).await,
         }
     }
 
@@ -277,6 +288,7 @@ impl Store {
     pub async fn delete_user(&self, id: &str) -> Result<(), StoreError> {
         match self {
             Store::File(s) => s.delete_user(id),
+            Store::Redis(s) => s.delete_user(id).await,
         }
     }
 
@@ -284,12 +296,14 @@ impl Store {
     pub async fn grant(&self, id: &str, apis: &[String]) -> Result<User, StoreError> {
         match self {
             Store::File(s) => s.grant(id, apis),
+            Store::Redis(s) => s.grant(id, apis).await,
         }
     }
 
     pub async fn revoke_grants(&self, id: &str, apis: &[String]) -> Result<User, StoreError> {
         match self {
             Store::File(s) => s.revoke_grants(id, apis),
+            Store::Redis(s) => s.revoke_grants(id, apis).await,
         }
     }
 
@@ -302,6 +316,7 @@ impl Store {
     ) -> Result<SecretKey, StoreError> {
         match self {
             Store::File(s) => s.add_key(id, hash, key_id),
+            Store::Redis(s) => s.add_key(id, hash, key_id).await,
         }
     }
 
@@ -309,6 +324,7 @@ impl Store {
     pub async fn keys(&self, id: &str) -> Result<Vec<SecretKey>, StoreError> {
         match self {
             Store::File(s) => s.keys(id),
+            Store::Redis(s) => s.keys(id).await,
         }
     }
 
@@ -323,6 +339,7 @@ impl Store {
     ) -> Result<AccessToken, StoreError> {
         match self {
             Store::File(s) => s.issue_access_token(id, parent, hash, lifetime),
+            Store::Redis(s) => s.issue_access_token(id, parent, hash, lifetime).await,
         }
     }
 
@@ -335,6 +352,7 @@ impl Store {
     ) -> Result<SecretKey, StoreError> {
         match self {
             Store::File(s) => s.delete_key(id, slot, how),
+            Store::Redis(s) => s.delete_key(id, slot, how).await,
         }
     }
 }

@@ -157,14 +157,7 @@ impl UserRecords {
 
     /// Keys that work at `now_ms`: slot 1, slot 2, then keys in grace by deadline.
     pub fn valid_keys(&self, now_ms: u64) -> Vec<SecretKey> {
-        let mut keys: Vec<SecretKey> = self
-            .keys
-            .iter()
-            .filter(|k| k.valid_at(now_ms))
-            .cloned()
-            .collect();
-        keys.sort_by_key(|k| (k.slot.is_none(), k.slot, k.expires_ms, k.created_ms));
-        keys
+        valid_keys(&self.keys, now_ms)
     }
 
     /// Stores a new key in slot 1 if it is free, else in slot 2.
@@ -282,6 +275,18 @@ impl UserRecords {
     pub fn set_disabled(&mut self, disabled: bool) {
         self.user.disabled = disabled;
     }
+}
+
+/// The keys of `keys` that work at `now_ms`, in listing order: slot 1, slot 2, then keys
+/// in grace by deadline.
+pub fn valid_keys(keys: &[SecretKey], now_ms: u64) -> Vec<SecretKey> {
+    let mut keys: Vec<SecretKey> = keys
+        .iter()
+        .filter(|k| k.valid_at(now_ms))
+        .cloned()
+        .collect();
+    keys.sort_by_key(|k| (k.slot.is_none(), k.slot, k.expires_ms, k.created_ms));
+    keys
 }
 
 /// User ids: 1 to 128 characters of `A-Z a-z 0-9 . _ @ -`. They travel in identity

@@ -1,0 +1,1137 @@
+//! The `redis://` store: the records of DESIGN.md section 3 in one Redis shared by every
+//! replica, each change one Lua script that also announces itself on `<prefix>invalidate`.
+//!
+//! Layout (prefix `cg:` by default; details and the reasons in `docs/redis.md`):
+//! - `cg:key:<sha256-hex>`: string, the owning user's id; `PEXPIREAT` just after the
+//!   grace deadline once the key is deleted, deleted at once when revoked now;
+//! - `cg:user:{<id>}`: hash `type`, `tenant`, `name`, `disabled` (`0`/`1`), `grants`
+//!   (sorted, comma-separated API names), `created_ms`;
+//! - `cg:user:{<id>}:keys`: hash token hash -> JSON object of strings `key_id`, `slot`
+//!   (`1`/`2`, empty once deleted), `created_ms`, `expires_ms` (empty until deleted),
+//!   `last_used_ms` (empty: not tracked yet);
+//! - `cg:tok:<sha256-hex>`: string, JSON `user`, `parent` (key hash), `expires_ms` of an
+//!   access token (deprecated flow); `PEXPIREAT` just after its expiry;
+//! - `cg:user:{<id>}:tokens`: hash access-token hash -> JSON `parent`, `expires_ms` (the
+//!   user's tokens, for pruning and deletion); `cg:user:{<id>}:token_requests`: sorted
+//!   set of the last minute's token requests (rate limit), scored by time;
+//! - `cg:users`: set of user ids (for `users list`);
+//! - `cg:seq`: the invalidation sequence; channel `cg:invalidate`: `<seq> key <hash>`,
+//!   `<seq> user <id>`, `<seq> all`.
+//!
+//! The scripts apply the rules of [`super::records`] line for line, with the same refusal
+//! messages, on Redis' clock (`TIME`). Rules that need no stored state (field checks,
+//! grant normalisation, listing order) are the Rust functions themselves.
+//!
+//! Every call runs under `[store] timeout`. Commands share one [`ConnectionManager`]
+//! (reconnects on I/O errors); a call that times out also drops it, so a half-open
+//! connection is replaced instead of timing out forever.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use futures_util::StreamExt as _;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
+use redis::{RedisError, Script, Value};
+use serde::Deserialize;
+
+use super::records::{self, UserRecords};
+use super::{
+    AccessToken, Invalidation, NewUser, Resolved, Revocation, SecretKey, StoreError, TokenHash,
+    User, UserType,
+};
+
+/// Shared by every script: key names, Redis' clock, key entries, pruning, announcing.
+/// `ARGV[1]` is always the prefix.
+const PRELUDE: &str = r#"
+local P = ARGV[1]
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function num(n) return string.format('%.0f', n) end
+local function user_key(id) return P .. 'user:{' .. id .. '}' end
+local function keys_key(id) return P .. 'user:{' .. id .. '}:keys' end
+local function token_key(h) return P .. 'key:' .. h end
+local function tokens_key(id) return P .. 'user:{' .. id .. '}:tokens' end
+local function requests_key(id) return P .. 'user:{' .. id .. '}:token_requests' end
+local function access_key(h) return P .. 'tok:' .. h end
+local function refused(msg) return {'refused', msg} end
+-- records::SecretKey::valid_at
+local function valid_at(k, now) return k.expires_ms == '' or tonumber(k.expires_ms) > now end
+local function split(csv)
+  local t = {}
+  for part in string.gmatch(csv, '[^,]+') do t[#t + 1] = part end
+  return t
+end
+local function missing(id)
+  if redis.call('EXISTS', user_key(id)) == 0 then return 'user ' .. id .. ' does not exist' end
+  return nil
+end
+local function user_reply(id) return redis.call('HGETALL', user_key(id)) end
+local function entry(k)
+  return cjson.encode({key_id = k.key_id, slot = k.slot, created_ms = k.created_ms,
+    expires_ms = k.expires_ms, last_used_ms = k.last_used_ms})
+end
+local function save_key(id, k) redis.call('HSET', keys_key(id), k.hash, entry(k)) end
+local function drop_key(id, k)
+  redis.call('HDEL', keys_key(id), k.hash)
+  if redis.call('GET', token_key(k.hash)) == id then redis.call('DEL', token_key(k.hash)) end
+end
+-- The user's keys split into those that still work and those past their deadline
+-- (records::UserRecords::prune), without writing: a refused change writes nothing.
+local function live_keys(id, now)
+  local flat = redis.call('HGETALL', keys_key(id))
+  local live, dead = {}, {}
+  for i = 1, #flat, 2 do
+    local k = cjson.decode(flat[i + 1])
+    k.hash = flat[i]
+    if valid_at(k, now) then live[#live + 1] = k else dead[#dead + 1] = k end
+  end
+  return live, dead
+end
+-- Drops the dead keys, and the access tokens that expired or whose parent is not among
+-- the live keys (records::UserRecords::prune).
+local function prune(id, now, live, dead)
+  for _, k in ipairs(dead) do drop_key(id, k) end
+  local parents = {}
+  for _, k in ipairs(live) do parents[k.hash] = true end
+  local flat = redis.call('HGETALL', tokens_key(id))
+  for i = 1, #flat, 2 do
+    local t = cjson.decode(flat[i + 1])
+    if tonumber(t.expires_ms) <= now or not parents[t.parent] then
+      redis.call('HDEL', tokens_key(id), flat[i])
+      redis.call('DEL', access_key(flat[i]))
+    end
+  end
+end
+local function has_tokens(id, parent)
+  local flat = redis.call('HGETALL', tokens_key(id))
+  for i = 2, #flat, 2 do
+    if cjson.decode(flat[i]).parent == parent then return true end
+  end
+  return false
+end
+local function announce(what)
+  local seq = redis.call('INCR', P .. 'seq')
+  redis.call('PUBLISH', P .. 'invalidate', num(seq) .. ' ' .. what)
+end
+"#;
+
+/// Token hash -> `{owner, key entry, user}` if it is a key that works now, or
+/// `{owner, parent key entry, user, deadline}` if it is a working access token
+/// (records::UserRecords::resolve); read-only.
+const LOOKUP: &str = r#"
+local h = ARGV[2]
+local now = now_ms()
+local id = redis.call('GET', token_key(h))
+if id then
+  local raw = redis.call('HGET', keys_key(id), h)
+  if not raw or not valid_at(cjson.decode(raw), now) then return false end
+  local user = user_reply(id)
+  if #user == 0 then return false end
+  return {id, raw, user}
+end
+local t = redis.call('GET', access_key(h))
+if not t then return false end
+t = cjson.decode(t)
+if tonumber(t.expires_ms) <= now then return false end
+if redis.call('HEXISTS', tokens_key(t.user), h) == 0 then return false end
+local raw = redis.call('HGET', keys_key(t.user), t.parent)
+if not raw then return false end
+local parent = cjson.decode(raw)
+if not valid_at(parent, now) then return false end
+local user = user_reply(t.user)
+if #user == 0 then return false end
+local deadline = t.expires_ms
+if parent.expires_ms ~= '' and tonumber(parent.expires_ms) < tonumber(deadline) then
+  deadline = parent.expires_ms
+end
+return {t.user, raw, user, deadline}
+"#;
+
+/// `{now, exists, key entries}` of one user; read-only.
+const KEYS: &str = r#"
+local id = ARGV[2]
+local now = now_ms()
+if redis.call('EXISTS', user_key(id)) == 0 then return {num(now), '0', {}} end
+return {num(now), '1', redis.call('HGETALL', keys_key(id))}
+"#;
+
+/// ARGV: prefix, id, type, tenant, name, grants (checked and normalised by the caller).
+const CREATE_USER: &str = r#"
+local id = ARGV[2]
+if redis.call('EXISTS', user_key(id)) == 1 then return refused('user ' .. id .. ' already exists') end
+local now = now_ms()
+redis.call('DEL', keys_key(id), tokens_key(id), requests_key(id))
+redis.call('HSET', user_key(id), 'type', ARGV[3], 'tenant', ARGV[4], 'name', ARGV[5],
+  'disabled', '0', 'grants', ARGV[6], 'created_ms', num(now))
+redis.call('SADD', P .. 'users', id)
+announce('user ' .. id)
+return {'ok', user_reply(id)}
+"#;
+
+/// ARGV: prefix, id, `0`/`1`.
+const SET_DISABLED: &str = r#"
+local id = ARGV[2]
+local why = missing(id)
+if why then return refused(why) end
+local now = now_ms()
+local live, dead = live_keys(id, now)
+prune(id, now, live, dead)
+redis.call('HSET', user_key(id), 'disabled', ARGV[3])
+announce('user ' .. id)
+return {'ok', user_reply(id)}
+"#;
+
+/// ARGV: prefix, id, API names to add (comma-separated). records::UserRecords::grant.
+const GRANT: &str = r#"
+local id = ARGV[2]
+local why = missing(id)
+if why then return refused(why) end
+local add = split(ARGV[3])
+if #add > 0 then
+  if redis.call('HGET', user_key(id), 'type') == 'ui' then
+    return refused('user ' .. id .. ' is a ui user; ui users cannot be granted APIs')
+  end
+  local set, list = {}, {}
+  for _, g in ipairs(split(redis.call('HGET', user_key(id), 'grants') or '')) do set[g] = true end
+  for _, g in ipairs(add) do set[g] = true end
+  for g in pairs(set) do list[#list + 1] = g end
+  table.sort(list)
+  redis.call('HSET', user_key(id), 'grants', table.concat(list, ','))
+end
+local now = now_ms()
+local live, dead = live_keys(id, now)
+prune(id, now, live, dead)
+announce('user ' .. id)
+return {'ok', user_reply(id)}
+"#;
+
+/// ARGV: prefix, id, API names to remove. records::UserRecords::revoke_grants.
+const REVOKE_GRANTS: &str = r#"
+local id = ARGV[2]
+local why = missing(id)
+if why then return refused(why) end
+local have = split(redis.call('HGET', user_key(id), 'grants') or '')
+local set, gone, list = {}, {}, {}
+for _, g in ipairs(have) do set[g] = true end
+for _, g in ipairs(split(ARGV[3])) do
+  if not set[g] then return refused('user ' .. id .. ' has no grant ' .. g) end
+  gone[g] = true
+end
+for _, g in ipairs(have) do
+  if not gone[g] then list[#list + 1] = g end
+end
+redis.call('HSET', user_key(id), 'grants', table.concat(list, ','))
+local now = now_ms()
+local live, dead = live_keys(id, now)
+prune(id, now, live, dead)
+announce('user ' .. id)
+return {'ok', user_reply(id)}
+"#;
+
+/// ARGV: prefix, id, token hash, key id. FileStore::add_key + records::UserRecords::add_key.
+const ADD_KEY: &str = r#"
+local id, h = ARGV[2], ARGV[3]
+local now = now_ms()
+local owner = redis.call('GET', token_key(h))
+if owner and owner ~= id then
+  local raw = redis.call('HGET', keys_key(owner), h)
+  if raw and valid_at(cjson.decode(raw), now) then
+    return refused('this key is already registered to another user')
+  end
+end
+local why = missing(id)
+if why then return refused(why) end
+local live, dead = live_keys(id, now)
+if redis.call('HGET', user_key(id), 'type') == 'ui' then
+  return refused('user ' .. id .. ' is a ui user; ui users cannot have keys')
+end
+local taken = {}
+for _, k in ipairs(live) do
+  if k.hash == h then return refused('user ' .. id .. ' already has this key') end
+  if k.slot ~= '' then taken[k.slot] = true end
+end
+local slot = nil
+if not taken['1'] then slot = '1' elseif not taken['2'] then slot = '2' end
+if not slot then
+  return refused('user ' .. id .. ' already has two active keys; delete one first')
+end
+prune(id, now, live, dead)
+local k = {hash = h, key_id = ARGV[4], slot = slot, created_ms = num(now), expires_ms = '',
+  last_used_ms = ''}
+save_key(id, k)
+redis.call('SET', token_key(h), id)
+announce('key ' .. h)
+return {'ok', h, entry(k)}
+"#;
+
+/// ARGV: prefix, id, slot, `now` or grace in ms. records::UserRecords::delete_key.
+const DELETE_KEY: &str = r#"
+local id, slot = ARGV[2], ARGV[3]
+local why = missing(id)
+if why then return refused(why) end
+local now = now_ms()
+local live, dead = live_keys(id, now)
+if slot ~= '1' and slot ~= '2' then
+  return refused('slot ' .. slot .. ' does not exist; slots are 1 and 2')
+end
+local deadline = now
+if ARGV[4] ~= 'now' then deadline = now + tonumber(ARGV[4]) end
+local victim = nil
+for _, k in ipairs(live) do
+  if k.slot == slot then victim = k end
+end
+if not victim then return refused('user ' .. id .. ' has no key ' .. slot) end
+-- Cached access tokens of this key must learn its deadline too: announce the user.
+local what = 'key ' .. victim.hash
+if has_tokens(id, victim.hash) then what = 'user ' .. id end
+victim.slot = ''
+victim.expires_ms = num(deadline)
+if slot == '1' then
+  for _, k in ipairs(live) do
+    if k.slot == '2' then
+      k.slot = '1'
+      save_key(id, k)
+    end
+  end
+end
+if deadline > now then
+  save_key(id, victim)
+  redis.call('PEXPIREAT', token_key(victim.hash), num(deadline + 1))
+else
+  local kept = {}
+  for _, k in ipairs(live) do
+    if k.hash ~= victim.hash then kept[#kept + 1] = k end
+  end
+  live = kept
+  dead[#dead + 1] = victim
+end
+prune(id, now, live, dead)
+announce(what)
+return {'ok', victim.hash, entry(victim)}
+"#;
+
+/// ARGV: prefix, id. Keys stop working at once.
+const DELETE_USER: &str = r#"
+local id = ARGV[2]
+local why = missing(id)
+if why then return refused(why) end
+local live, dead = live_keys(id, now_ms())
+for _, k in ipairs(dead) do drop_key(id, k) end
+for _, k in ipairs(live) do drop_key(id, k) end
+local flat = redis.call('HGETALL', tokens_key(id))
+for i = 1, #flat, 2 do redis.call('DEL', access_key(flat[i])) end
+redis.call('DEL', keys_key(id), tokens_key(id), requests_key(id), user_key(id))
+redis.call('SREM', P .. 'users', id)
+announce('user ' .. id)
+return {'ok'}
+"#;
+
+/// ARGV: prefix, id, parent key hash, token hash, lifetime ms, requests allowed per
+/// window, window ms. records::UserRecords::issue_token.
+const ISSUE_TOKEN: &str = r#"
+local id, parent, h = ARGV[2], ARGV[3], ARGV[4]
+local why = missing(id)
+if why then return refused(why) end
+local now = now_ms()
+local live, dead = live_keys(id, now)
+if redis.call('HGET', user_key(id), 'type') == 'ui'
+  or redis.call('HGET', user_key(id), 'disabled') == '1' then
+  return refused('user ' .. id .. ' cannot get access tokens')
+end
+local known = false
+for _, k in ipairs(live) do
+  if k.hash == parent then known = true end
+end
+if not known then return refused('the credentials are not a key of this user') end
+local limit, window = tonumber(ARGV[6]), tonumber(ARGV[7])
+local since = '(' .. num(now - window)
+if redis.call('ZCOUNT', requests_key(id), since, '+inf') >= limit then
+  local oldest = redis.call('ZRANGEBYSCORE', requests_key(id), since, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  return {'limited', num(math.max(tonumber(oldest[2]) + window - now, 1))}
+end
+prune(id, now, live, dead)
+redis.call('ZREMRANGEBYSCORE', requests_key(id), '-inf', num(now - window))
+redis.call('ZADD', requests_key(id), num(now), h)
+redis.call('PEXPIRE', requests_key(id), num(window))
+local expires = num(now + tonumber(ARGV[5]))
+redis.call('HSET', tokens_key(id), h, cjson.encode({parent = parent, expires_ms = expires}))
+redis.call('SET', access_key(h), cjson.encode({user = id, parent = parent, expires_ms = expires}))
+redis.call('PEXPIREAT', access_key(h), num(tonumber(expires) + 1))
+announce('key ' .. h)
+return {'ok', h, expires}
+"#;
+
+/// The scripts, each the prelude plus its body, loaded once per connection.
+struct Scripts {
+    lookup: Script,
+    keys: Script,
+    create_user: Script,
+    set_disabled: Script,
+    grant: Script,
+    revoke_grants: Script,
+    add_key: Script,
+    delete_key: Script,
+    delete_user: Script,
+    issue_token: Script,
+    /// Every script's source, for `SCRIPT LOAD` (`Script` does not give it back).
+    sources: Vec<String>,
+}
+
+impl Scripts {
+    fn new() -> Scripts {
+        let mut sources = Vec::new();
+        let mut s = |body: &str| {
+            let code = format!("{PRELUDE}{body}");
+            let script = Script::new(&code);
+            sources.push(code);
+            script
+        };
+        Scripts {
+            lookup: s(LOOKUP),
+            keys: s(KEYS),
+            create_user: s(CREATE_USER),
+            set_disabled: s(SET_DISABLED),
+            grant: s(GRANT),
+            revoke_grants: s(REVOKE_GRANTS),
+            add_key: s(ADD_KEY),
+            delete_key: s(DELETE_KEY),
+            delete_user: s(DELETE_USER),
+            issue_token: s(ISSUE_TOKEN),
+            sources,
+        }
+    }
+}
+
+/// One key entry as stored in `cg:user:{<id>}:keys`: every field a string, empty for
+/// "none", so that `redis-cli` shows exactly what the scripts compare.
+#[derive(Debug, Deserialize)]
+struct KeyEntry {
+    key_id: String,
+    slot: String,
+    created_ms: String,
+    expires_ms: String,
+    last_used_ms: String,
+}
+
+/// The `redis://` store. Cheap to share; connects on first use.
+pub struct RedisStore {
+    client: redis::Client,
+    prefix: String,
+    timeout: Duration,
+    /// The command connection; `None` until first use and after a call timed out.
+    conn: ArcSwapOption<ConnectionManager>,
+    /// Serialises (re)connecting, so a burst of calls opens one connection.
+    connecting: tokio::sync::Mutex<()>,
+    scripts: Scripts,
+}
+
+impl RedisStore {
+    /// Checks the URL; connecting waits for the first call. `rediss://` is refused: this
+    /// build has no TLS support for Redis.
+    pub fn open(url: &str, prefix: &str, timeout: Duration) -> Result<RedisStore, StoreError> {
+        if url.starts_with("rediss://") {
+            return Err(StoreError::Unavailable(
+                "rediss:// (Redis over TLS) is not supported by this build; use redis:// \
+                 (e.g. through a local TLS tunnel)"
+                    .into(),
+            ));
+        }
+        let client = redis::Client::open(url)
+            .map_err(|e| StoreError::Unavailable(format!("invalid store url: {e}")))?;
+        Ok(RedisStore {
+            client,
+            prefix: prefix.to_string(),
+            timeout,
+            conn: ArcSwapOption::empty(),
+            connecting: tokio::sync::Mutex::new(()),
+            scripts: Scripts::new(),
+        })
+    }
+
+    /// The key prefix (`[store] prefix`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The invalidation channel, `<prefix>invalidate`.
+    pub fn channel(&self) -> String {
+        format!("{}invalidate", self.prefix)
+    }
+
+    fn user_key(&self, id: &str) -> String {
+        format!("{}user:{{{id}}}", self.prefix)
+    }
+
+    fn keys_key(&self, id: &str) -> String {
+        format!("{}user:{{{id}}}:keys", self.prefix)
+    }
+
+    fn users_key(&self) -> String {
+        format!("{}users", self.prefix)
+    }
+
+    fn seq_key(&self) -> String {
+        format!("{}seq", self.prefix)
+    }
+
+    /// The command connection, opening it (and loading the scripts) if there is none.
+    async fn connection(&self) -> Result<Arc<ConnectionManager>, RedisError> {
+        if let Some(c) = self.conn.load_full() {
+            return Ok(c);
+        }
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(c) = self.conn.load_full() {
+            return Ok(c);
+        }
+        // No retries inside the manager: its backoff starts at 1 s, longer than any call
+        // may take; the next call simply tries again.
+        let config = ConnectionManagerConfig::new()
+            .set_number_of_retries(0)
+            .set_connection_timeout(self.timeout);
+        let mut manager = ConnectionManager::new_with_config(self.client.clone(), config).await?;
+        let mut load = redis::pipe();
+        for code in &self.scripts.sources {
+            load.cmd("SCRIPT").arg("LOAD").arg(code);
+        }
+        load.query_async::<()>(&mut manager).await?;
+        let manager = Arc::new(manager);
+        self.conn.store(Some(manager.clone()));
+        Ok(manager)
+    }
+
+    /// Runs one call on the command connection within `[store] timeout`. A read is
+    /// tried once more when the connection turns out to be broken (Redis restarted, say);
+    /// a change never is, since it may have been applied before the connection broke.
+    async fn call<T, F, Fut>(&self, what: &str, kind: Call, f: F) -> Result<T, StoreError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        let used = self.conn.load_full();
+        let attempt = async {
+            let conn = self.connection().await?;
+            match f((*conn).clone()).await {
+                Err(e)
+                    if kind == Call::Read
+                        && (e.is_unrecoverable_error() || e.is_connection_dropped()) =>
+                {
+                    // The manager reconnects in the background; wait for it.
+                    f((*conn).clone()).await
+                }
+                result => result,
+            }
+        };
+        match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!("redis {what}: {e}"))),
+            Err(_) => {
+                // Possibly half-open: let the next call connect afresh.
+                if used.is_some() {
+                    self.conn.compare_and_swap(&used, None);
+                }
+                Err(StoreError::Unavailable(format!(
+                    "redis {what}: no answer within {:?}",
+                    self.timeout
+                )))
+            }
+        }
+    }
+
+    /// Runs a script with `ARGV = [prefix, args...]` and the user's keys as `KEYS`.
+    async fn script(
+        &self,
+        what: &str,
+        kind: Call,
+        script: &Script,
+        user: Option<&str>,
+        args: &[&str],
+    ) -> Result<Value, StoreError> {
+        let mut invocation = script.prepare_invoke();
+        if let Some(id) = user {
+            invocation.key(self.user_key(id)).key(self.keys_key(id));
+        }
+        invocation.arg(&self.prefix);
+        for a in args {
+            invocation.arg(*a);
+        }
+        let invocation = &invocation;
+        self.call(what, kind, move |mut conn| async move {
+            invocation.invoke_async::<Value>(&mut conn).await
+        })
+        .await
+    }
+
+    /// Runs a mutation script: `Ok` with the payload after `"ok"`, or its refusal.
+    async fn mutate(
+        &self,
+        what: &str,
+        script: &Script,
+        user: &str,
+        args: &[&str],
+    ) -> Result<Vec<Value>, StoreError> {
+        let reply = self
+            .script(what, Call::Change, script, Some(user), args)
+            .await?;
+        let mut items = array(reply, what)?.into_iter();
+        let status = items.next().map(|v| string(v, what)).transpose()?;
+        match status.as_deref() {
+            Some("ok") => Ok(items.collect()),
+            Some("limited") => {
+                let ms = items
+                    .next()
+                    .map(|v| string(v, what))
+                    .transpose()?
+                    .unwrap_or_default();
+                Err(StoreError::RateLimited {
+                    retry_after_ms: parse_ms(&ms, what)?,
+                })
+            }
+            Some("refused") => {
+                let msg = items
+                    .next()
+                    .map(|v| string(v, what))
+                    .transpose()?
+                    .unwrap_or_default();
+                Err(StoreError::Refused(msg))
+            }
+            _ => Err(corrupt(what, "unexpected script reply")),
+        }
+    }
+
+    pub async fn lookup(&self, hash: &TokenHash) -> Result<Option<Resolved>, StoreError> {
+        let hex = hash.to_hex();
+        let reply = self
+            .script("lookup", Call::Read, &self.scripts.lookup, None, &[&hex])
+            .await?;
+        if reply == Value::Nil {
+            return Ok(None);
+        }
+        let mut items = array(reply, "lookup")?.into_iter();
+        let (Some(id), Some(raw), Some(user)) = (items.next(), items.next(), items.next()) else {
+            return Err(corrupt("lookup", "short reply"));
+        };
+        let id = string(id, "lookup")?;
+        // For an access token: its parent key, and the earlier of both deadlines.
+        let key = decode_key(*hash, &string(raw, "lookup")?)?;
+        let user = decode_user(&id, user)?;
+        let (deadline_ms, access_token) = match items.next() {
+            Some(d) => (Some(parse_ms(&string(d, "lookup")?, "lookup")?), true),
+            None => (key.expires_ms, false),
+        };
+        Ok(Some(Resolved {
+            user,
+            key_id: key.key_id,
+            deadline_ms,
+            access_token,
+        }))
+    }
+
+    pub async fn create_user(&self, new: NewUser) -> Result<User, StoreError> {
+        // Field rules are records' own; a user that exists is reported first, as the
+        // file store does.
+        let checked = match UserRecords::create(new.clone(), 0) {
+            Ok(r) => r.user,
+            Err(refusal) => {
+                if records::validate_user_id(&new.id).is_ok() && self.user(&new.id).await?.is_some()
+                {
+                    return Err(StoreError::refused(format!(
+                        "user {} already exists",
+                        new.id
+                    )));
+                }
+                return Err(refusal);
+            }
+        };
+        check_api_names(&checked.grants)?;
+        let grants = checked.grants.join(",");
+        let reply = self
+            .mutate(
+                "create user",
+                &self.scripts.create_user,
+                &checked.id,
+                &[
+                    &checked.id,
+                    checked.kind.as_str(),
+                    &checked.tenant,
+                    &checked.name,
+                    &grants,
+                ],
+            )
+            .await?;
+        user_payload(&checked.id, reply)
+    }
+
+    pub async fn user(&self, id: &str) -> Result<Option<User>, StoreError> {
+        let key = &self.user_key(id);
+        let reply = self
+            .call("read user", Call::Read, move |mut conn| async move {
+                redis::cmd("HGETALL")
+                    .arg(key)
+                    .query_async::<Value>(&mut conn)
+                    .await
+            })
+            .await?;
+        if is_empty(&reply) {
+            return Ok(None);
+        }
+        decode_user(id, reply).map(Some)
+    }
+
+    /// Every user, ordered by id.
+    pub async fn users(&self) -> Result<Vec<User>, StoreError> {
+        let set = &self.users_key();
+        let mut ids: Vec<String> = self
+            .call("list users", Call::Read, move |mut conn| async move {
+                redis::cmd("SMEMBERS").arg(set).query_async(&mut conn).await
+            })
+            .await?;
+        ids.sort();
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("HGETALL").arg(self.user_key(id));
+        }
+        let pipe = &pipe;
+        let replies: Vec<Value> = self
+            .call("read users", Call::Read, move |mut conn| async move {
+                pipe.query_async(&mut conn).await
+            })
+            .await?;
+        let mut users = Vec::with_capacity(ids.len());
+        for (id, reply) in ids.iter().zip(replies) {
+            // Deleted between the two reads.
+            if !is_empty(&reply) {
+                users.push(decode_user(id, reply)?);
+            }
+        }
+        Ok(users)
+    }
+
+    pub async fn set_disabled(&self, id: &str, disabled: bool) -> Result<User, StoreError> {
+        let flag = if disabled { "1" } else { "0" };
+        let reply = self
+            .mutate("set disabled", &self.scripts.set_disabled, id, &[id, flag])
+            .await?;
+        user_payload(id, reply)
+    }
+
+    pub async fn delete_user(&self, id: &str) -> Result<(), StoreError> {
+        self.mutate("delete user", &self.scripts.delete_user, id, &[id])
+            .await
+            .map(drop)
+    }
+
+    pub async fn grant(&self, id: &str, apis: &[String]) -> Result<User, StoreError> {
+        check_api_names(apis)?;
+        let csv = apis.join(",");
+        let reply = self
+            .mutate("grant", &self.scripts.grant, id, &[id, &csv])
+            .await?;
+        user_payload(id, reply)
+    }
+
+    pub async fn revoke_grants(&self, id: &str, apis: &[String]) -> Result<User, StoreError> {
+        check_api_names(apis)?;
+        let csv = apis.join(",");
+        let reply = self
+            .mutate(
+                "revoke grants",
+                &self.scripts.revoke_grants,
+                id,
+                &[id, &csv],
+            )
+            .await?;
+        user_payload(id, reply)
+    }
+
+    pub async fn add_key(
+        &self,
+        id: &str,
+        hash: TokenHash,
+        key_id: &str,
+    ) -> Result<SecretKey, StoreError> {
+        let hex = hash.to_hex();
+        let reply = self
+            .mutate("add key", &self.scripts.add_key, id, &[id, &hex, key_id])
+            .await?;
+        key_payload(reply, "add key")
+    }
+
+    /// The user's keys that work now (by Redis' clock), slot 1 first.
+    pub async fn keys(&self, id: &str) -> Result<Vec<SecretKey>, StoreError> {
+        let reply = self
+            .script("list keys", Call::Read, &self.scripts.keys, Some(id), &[id])
+            .await?;
+        let mut items = array(reply, "list keys")?.into_iter();
+        let (Some(now), Some(exists), Some(flat)) = (items.next(), items.next(), items.next())
+        else {
+            return Err(corrupt("list keys", "short reply"));
+        };
+        let now: u64 = parse_ms(&string(now, "list keys")?, "list keys")?;
+        if string(exists, "list keys")? != "1" {
+            return Err(StoreError::refused(format!("user {id} does not exist")));
+        }
+        let mut keys = Vec::new();
+        let mut fields = array(flat, "list keys")?.into_iter();
+        while let (Some(h), Some(raw)) = (fields.next(), fields.next()) {
+            let h = string(h, "list keys")?;
+            let hash = TokenHash::from_hex(&h).ok_or_else(|| corrupt("list keys", "bad hash"))?;
+            keys.push(decode_key(hash, &string(raw, "list keys")?)?);
+        }
+        Ok(records::valid_keys(&keys, now))
+    }
+
+    pub async fn delete_key(
+        &self,
+        id: &str,
+        slot: u8,
+        how: Revocation,
+    ) -> Result<SecretKey, StoreError> {
+        let slot = slot.to_string();
+        let mode = match how {
+            Revocation::Now => "now".to_string(),
+            Revocation::Grace(grace) => u64::try_from(grace.as_millis())
+                .unwrap_or(u64::MAX)
+                // Lua numbers are doubles: keep the deadline an exact integer.
+                .min(1 << 52)
+                .to_string(),
+        };
+        let reply = self
+            .mutate(
+                "delete key",
+                &self.scripts.delete_key,
+                id,
+                &[id, &slot, &mode],
+            )
+            .await?;
+        key_payload(reply, "delete key")
+    }
+
+    /// Issues an access token (deprecated flow) for the user's key `parent`; at most
+    /// [`records::TOKEN_REQUESTS_PER_WINDOW`] per user per window.
+    pub async fn issue_access_token(
+        &self,
+        id: &str,
+        parent: TokenHash,
+        hash: TokenHash,
+        lifetime: Duration,
+    ) -> Result<AccessToken, StoreError> {
+        let lifetime_ms = u64::try_from(lifetime.as_millis())
+            .unwrap_or(u64::MAX)
+            .min(1 << 52)
+            .to_string();
+        let reply = self
+            .mutate(
+                "issue access token",
+                &self.scripts.issue_token,
+                id,
+                &[
+                    id,
+                    &parent.to_hex(),
+                    &hash.to_hex(),
+                    &lifetime_ms,
+                    &records::TOKEN_REQUESTS_PER_WINDOW.to_string(),
+                    &records::TOKEN_RATE_WINDOW_MS.to_string(),
+                ],
+            )
+            .await?;
+        let what = "issue access token";
+        let mut items = reply.into_iter();
+        let (Some(_), Some(expires)) = (items.next(), items.next()) else {
+            return Err(corrupt(what, "short reply"));
+        };
+        Ok(AccessToken {
+            hash,
+            user_id: id.to_string(),
+            parent,
+            expires_ms: parse_ms(&string(expires, what)?, what)?,
+        })
+    }
+
+    /// The current invalidation sequence number (0 before the first change).
+    pub async fn seq(&self) -> Result<u64, StoreError> {
+        let key = &self.seq_key();
+        let seq: Option<u64> = self
+            .call("read seq", Call::Read, move |mut conn| async move {
+                redis::cmd("GET").arg(key).query_async(&mut conn).await
+            })
+            .await?;
+        Ok(seq.unwrap_or(0))
+    }
+
+    /// Opens a dedicated pub/sub connection subscribed to the invalidation channel.
+    pub async fn subscribe(&self) -> Result<Subscription, StoreError> {
+        let channel = self.channel();
+        let connect = async {
+            let pubsub = self.client.get_async_pubsub().await?;
+            let (mut sink, messages) = pubsub.split();
+            sink.subscribe(&channel).await?;
+            Ok::<_, RedisError>(Subscription {
+                sink,
+                messages,
+                channel: channel.clone(),
+            })
+        };
+        match tokio::time::timeout(self.timeout, connect).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!("redis subscribe: {e}"))),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "redis subscribe: no answer within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+}
+
+/// Whether a call may be repeated after a broken connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Read,
+    Change,
+}
+
+/// A live subscription to the invalidation channel on its own connection.
+pub struct Subscription {
+    sink: PubSubSink,
+    messages: PubSubStream,
+    channel: String,
+}
+
+impl Subscription {
+    /// The next announcement, or `Err` with the raw payload of one that cannot be read;
+    /// `None` once the connection is gone.
+    pub async fn next(&mut self) -> Option<Result<Announcement, String>> {
+        let msg = self.messages.next().await?;
+        let payload: String = msg.get_payload().unwrap_or_default();
+        Some(Announcement::parse(&payload).ok_or(payload))
+    }
+
+    /// One round trip on the subscriber connection. A subscribed RESP2 connection takes
+    /// no `PING` through this client, so this repeats the `SUBSCRIBE`, which Redis
+    /// confirms again without changing anything.
+    pub async fn ping(&mut self, within: Duration) -> Result<(), StoreError> {
+        match tokio::time::timeout(within, self.sink.subscribe(&self.channel)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!("redis subscriber: {e}"))),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "redis subscriber: no answer to a ping within {within:?}"
+            ))),
+        }
+    }
+}
+
+/// One message of the invalidation channel: `<seq> key <hash>`, `<seq> user <id>` or
+/// `<seq> all`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announcement {
+    pub seq: u64,
+    pub what: Invalidation,
+}
+
+impl Announcement {
+    pub fn parse(s: &str) -> Option<Announcement> {
+        let mut parts = s.splitn(3, ' ');
+        let seq = parts.next()?.parse().ok()?;
+        let what = match (parts.next()?, parts.next()) {
+            ("key", Some(h)) => Invalidation::Key(TokenHash::from_hex(h)?),
+            ("user", Some(id)) if !id.is_empty() => Invalidation::User(id.to_string()),
+            ("all", None) => Invalidation::All,
+            _ => return None,
+        };
+        Some(Announcement { seq, what })
+    }
+}
+
+/// API names go into a comma-separated field: only config-valid names are stored.
+fn check_api_names(apis: &[String]) -> Result<(), StoreError> {
+    match apis.iter().find(|a| !crate::config::valid_api_name(a)) {
+        Some(bad) => Err(StoreError::refused(format!("invalid API name {bad:?}"))),
+        None => Ok(()),
+    }
+}
+
+fn user_payload(id: &str, payload: Vec<Value>) -> Result<User, StoreError> {
+    let user = payload
+        .into_iter()
+        .next()
+        .ok_or_else(|| corrupt("user", "no user in reply"))?;
+    decode_user(id, user)
+}
+
+fn key_payload(payload: Vec<Value>, what: &str) -> Result<SecretKey, StoreError> {
+    let mut items = payload.into_iter();
+    let (Some(h), Some(raw)) = (items.next(), items.next()) else {
+        return Err(corrupt(what, "no key in reply"));
+    };
+    let h = string(h, what)?;
+    let hash = TokenHash::from_hex(&h).ok_or_else(|| corrupt(what, "bad hash"))?;
+    decode_key(hash, &string(raw, what)?)
+}
+
+fn decode_user(id: &str, flat: Value) -> Result<User, StoreError> {
+    let what = "user record";
+    let mut fields = HashMap::new();
+    let mut items = array(flat, what)?.into_iter();
+    while let (Some(k), Some(v)) = (items.next(), items.next()) {
+        fields.insert(string(k, what)?, string(v, what)?);
+    }
+    let mut field = |name: &str| {
+        fields
+            .remove(name)
+            .ok_or_else(|| corrupt(what, &format!("user {id} has no {name}")))
+    };
+    let kind: UserType = field("type")?
+        .parse()
+        .map_err(|e: String| corrupt(what, &e))?;
+    let tenant = field("tenant")?;
+    let name = field("name")?;
+    let disabled = match field("disabled")?.as_str() {
+        "0" => false,
+        "1" => true,
+        other => return Err(corrupt(what, &format!("disabled = {other:?}"))),
+    };
+    let grants = field("grants")?
+        .split(',')
+        .filter(|g| !g.is_empty())
+        .map(str::to_string)
+        .collect();
+    let created_ms = parse_ms(&field("created_ms")?, what)?;
+    Ok(User {
+        id: id.to_string(),
+        kind,
+        tenant,
+        name,
+        disabled,
+        grants,
+        created_ms,
+    })
+}
+
+fn decode_key(hash: TokenHash, raw: &str) -> Result<SecretKey, StoreError> {
+    let what = "key entry";
+    let e: KeyEntry = serde_json::from_str(raw).map_err(|err| corrupt(what, &err.to_string()))?;
+    let optional = |s: &str| -> Result<Option<u64>, StoreError> {
+        if s.is_empty() {
+            Ok(None)
+        } else {
+            parse_ms(s, what).map(Some)
+        }
+    };
+    let slot = match e.slot.as_str() {
+        "" => None,
+        "1" => Some(1),
+        "2" => Some(2),
+        other => return Err(corrupt(what, &format!("slot {other:?}"))),
+    };
+    Ok(SecretKey {
+        hash,
+        key_id: e.key_id,
+        slot,
+        created_ms: parse_ms(&e.created_ms, what)?,
+        expires_ms: optional(&e.expires_ms)?,
+        last_used_ms: optional(&e.last_used_ms)?,
+    })
+}
+
+fn parse_ms(s: &str, what: &str) -> Result<u64, StoreError> {
+    s.parse()
+        .map_err(|_| corrupt(what, &format!("{s:?} is not a time in ms")))
+}
+
+fn array(v: Value, what: &str) -> Result<Vec<Value>, StoreError> {
+    match v {
+        Value::Array(items) => Ok(items),
+        Value::Nil => Ok(Vec::new()),
+        other => Err(corrupt(what, &format!("expected an array, got {other:?}"))),
+    }
+}
+
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Array(items) => items.is_empty(),
+        Value::Map(items) => items.is_empty(),
+        Value::Nil => true,
+        _ => false,
+    }
+}
+
+fn string(v: Value, what: &str) -> Result<String, StoreError> {
+    match v {
+        Value::BulkString(b) => {
+            String::from_utf8(b).map_err(|_| corrupt(what, "a string is not UTF-8"))
+        }
+        Value::SimpleString(s) => Ok(s),
+        Value::Int(i) => Ok(i.to_string()),
+        other => Err(corrupt(what, &format!("expected a string, got {other:?}"))),
+    }
+}
+
+fn corrupt(what: &str, why: &str) -> StoreError {
+    StoreError::Corrupt(format!("redis {what}: {why}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announcements_parse() {
+        let h = TokenHash::of(b"t");
+        assert_eq!(
+            Announcement::parse(&format!("7 key {}", h.to_hex())),
+            Some(Announcement {
+                seq: 7,
+                what: Invalidation::Key(h)
+            })
+        );
+        assert_eq!(
+            Announcement::parse("8 user alice"),
+            Some(Announcement {
+                seq: 8,
+                what: Invalidation::User("alice".into())
+            })
+        );
+        assert_eq!(
+            Announcement::parse("9 all"),
+            Some(Announcement {
+                seq: 9,
+                what: Invalidation::All
+            })
+        );
+        for bad in [
+            "",
+            "x key a",
+            "1 key nothex",
+            "1 user",
+            "1 user ",
+            "1 all x",
+            "1 gone",
+        ] {
+            assert_eq!(Announcement::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn rediss_is_refused_with_a_reason() {
+        let Err(StoreError::Unavailable(msg)) =
+            RedisStore::open("rediss://127.0.0.1:6380/0", "cg:", Duration::from_secs(1))
+        else {
+            panic!("rediss:// must be refused");
+        };
+        assert!(msg.contains("TLS"), "{msg}");
+    }
+
+    #[test]
+    fn key_entries_round_trip() {
+        let raw = r#"{"key_id":"k","slot":"","created_ms":"1700000000000","expires_ms":"1700000300000","last_used_ms":""}"#;
+        let k = decode_key(TokenHash([1; 32]), raw).expect("decode");
+        assert_eq!(k.slot, None);
+        assert_eq!(k.expires_ms, Some(1_700_000_300_000));
+        assert_eq!(k.last_used_ms, None);
+        assert!(decode_key(TokenHash([1; 32]), &raw.replace("\"\"", "\"3\"")).is_err());
+    }
+}
