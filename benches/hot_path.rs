@@ -1,0 +1,241 @@
+//! Micro benches of the per-request decision, one per hot function, plus the whole
+//! cache-hit decision (`pipeline::admit`). Keys for the cache benches are drawn from a
+//! Zipf distribution over 10,000 keys of a `file:` store in a temp dir, all cached.
+//!
+//! `cargo bench --bench hot_path` (about a minute). Filter: `cargo bench --bench hot_path -- path/`.
+
+#[path = "fixture/mod.rs"]
+mod fixture;
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use campaign_gate::auth::bearer::parse_bearer;
+use campaign_gate::auth::now_ms;
+use campaign_gate::path::canonicalize;
+use campaign_gate::pipeline::{self, Policy};
+use campaign_gate::routes::RouteMatch;
+use campaign_gate::store::TokenHash;
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::Method;
+
+/// Keys in the store and the cache.
+const KEYS: usize = 10_000;
+/// Zipf exponent of key popularity.
+const ZIPF_S: f64 = 1.0;
+/// Length of the precomputed key sequence the cache benches cycle through.
+const SEQUENCE: usize = 1 << 14;
+
+const EVENTS: &str = "/campaignapi/resources/v3/events";
+const CONTENT: &str = "/campaignapi/resources/v3/campaigncontents/4711";
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn bearer(c: &mut Criterion) {
+    let header = format!("Bearer {}", fixture::token(42));
+    let mut g = c.benchmark_group("bearer");
+    g.bench_function("parse", |b| {
+        b.iter(|| parse_bearer(black_box(header.as_bytes())).map(<[u8]>::len))
+    });
+    g.bench_function("sha256_100B", |b| {
+        let token = fixture::token(42);
+        b.iter(|| TokenHash::of(black_box(token.as_bytes())))
+    });
+    g.bench_function("parse+sha256", |b| {
+        b.iter(|| parse_bearer(black_box(header.as_bytes())).map(TokenHash::of))
+    });
+    g.finish();
+}
+
+fn path(c: &mut Criterion) {
+    let mut g = c.benchmark_group("path");
+    g.bench_function("canonicalize_clean", |b| {
+        b.iter(|| canonicalize(black_box(CONTENT)).map(|p| p.len()))
+    });
+    // Two unreserved escapes to decode and one lower-case escape to upper-case: owned.
+    let escaped = "/campaignapi/resources/v3/campaigncontents/%7euser%2D1%c3%a9";
+    assert!(matches!(
+        canonicalize(escaped),
+        Ok(std::borrow::Cow::Owned(_))
+    ));
+    g.bench_function("canonicalize_escaped", |b| {
+        b.iter(|| canonicalize(black_box(escaped)).map(|p| p.len()))
+    });
+    g.finish();
+}
+
+fn routes(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy = Policy::new(fixture::config(&dir.path().join("s.json"), &[])).expect("policy");
+    let routes = &policy.routes;
+    let cases = [
+        (Method::POST, EVENTS),
+        (Method::GET, CONTENT),
+        (Method::GET, "/campaignapi/metadata/v3/profile/abc"),
+        (Method::GET, "/campaignapi/resources/v3/users/"),
+    ];
+    for (m, p) in &cases {
+        assert!(matches!(routes.lookup(m, p), RouteMatch::Api(_)), "{m} {p}");
+    }
+    let mut g = c.benchmark_group("route");
+    g.bench_function("lookup_static", |b| {
+        b.iter(|| routes.lookup(black_box(&Method::POST), black_box(EVENTS)))
+    });
+    g.bench_function("lookup_param", |b| {
+        b.iter(|| routes.lookup(black_box(&Method::GET), black_box(CONTENT)))
+    });
+    g.bench_function("lookup_mix4", |b| {
+        b.iter(|| {
+            for (m, p) in &cases {
+                black_box(routes.lookup(black_box(m), black_box(p)));
+            }
+        })
+    });
+    g.bench_function("lookup_miss", |b| {
+        b.iter(|| {
+            routes.lookup(
+                black_box(&Method::GET),
+                black_box("/campaignapi/resources/v3/unknown"),
+            )
+        })
+    });
+    g.finish();
+}
+
+fn grants(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy = Policy::new(fixture::config(&dir.path().join("s.json"), &[])).expect("policy");
+    let set = policy.routes.compile_grants(&["campaigns", "events"]);
+    let events = policy.routes.api_id("events").expect("events api");
+    let users = policy.routes.api_id("users").expect("users api");
+    let mut g = c.benchmark_group("grant");
+    g.bench_function("contains", |b| {
+        b.iter(|| {
+            (
+                set.contains(black_box(events)),
+                set.contains(black_box(users)),
+            )
+        })
+    });
+    g.finish();
+}
+
+/// The cache and decision benches: a warm `Authenticator` over 10k keys.
+fn cache(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = dir.path().join("store.json");
+    fixture::write_store(&store, KEYS);
+    let config = fixture::config(&store, &[]);
+    let (auth, _) = rt.block_on(fixture::authenticator(&config));
+    let policy = Policy::new(config).expect("policy");
+    let hashes: Vec<TokenHash> = (0..KEYS)
+        .map(|i| TokenHash::of(fixture::token(i).as_bytes()))
+        .collect();
+    rt.block_on(async {
+        for h in &hashes {
+            auth.resolve(h, &policy.routes).await.expect("known key");
+        }
+    });
+    let zipf = fixture::zipf_sequence(KEYS, ZIPF_S, SEQUENCE, 7);
+    let zipf_hashes: Vec<TokenHash> = zipf.iter().map(|&k| hashes[k]).collect();
+    let heads: Vec<http::request::Parts> = zipf
+        .iter()
+        .enumerate()
+        .map(|(n, &k)| {
+            let token = fixture::token(k);
+            if n % 2 == 0 {
+                fixture::request_head("POST", EVENTS, &token)
+            } else {
+                fixture::request_head("GET", CONTENT, &token)
+            }
+        })
+        .collect();
+    let client = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let (auth, policy) = (&auth, &policy);
+
+    let mut g = c.benchmark_group("cache_hit");
+    g.bench_function("resolve_zipf_10k", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let hashes = &zipf_hashes;
+            async move {
+                let start = Instant::now();
+                for i in 0..iters as usize {
+                    let h = &hashes[i % hashes.len()];
+                    black_box(auth.resolve(h, &policy.routes).await.is_ok());
+                }
+                start.elapsed()
+            }
+        })
+    });
+    g.bench_function("resolve_one_key", |b| {
+        let h = hashes[0];
+        b.to_async(&rt)
+            .iter(|| async move { auth.resolve(black_box(&h), &policy.routes).await.is_ok() })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("decision");
+    g.bench_function("authorize", |b| {
+        let head = &heads[0];
+        let principal = rt
+            .block_on(auth.resolve(&hashes[zipf[0]], &policy.routes))
+            .expect("known key");
+        b.iter(|| {
+            pipeline::authorize(
+                head,
+                std::borrow::Cow::Borrowed(head.uri.path()),
+                principal.clone(),
+                &policy.routes,
+            )
+            .is_ok()
+        })
+    });
+    g.bench_function("sanity", |b| {
+        let head = &heads[0];
+        b.iter(|| pipeline::sanity(black_box(head), policy).is_ok())
+    });
+    g.bench_function("now_ms", |b| b.iter(now_ms));
+    g.bench_function("admit_zipf_10k", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let heads = &heads;
+            async move {
+                let start = Instant::now();
+                for i in 0..iters as usize {
+                    let head = &heads[i % heads.len()];
+                    let admitted = pipeline::admit(head, policy, auth, client).await;
+                    debug_assert!(admitted.is_ok());
+                    black_box(admitted.is_ok());
+                }
+                start.elapsed()
+            }
+        })
+    });
+    // One hot request head and key: the best case, all of it in the CPU caches.
+    g.bench_function("admit_one_key", |b| {
+        let head = &heads[0];
+        b.to_async(&rt)
+            .iter(|| async move { pipeline::admit(head, policy, auth, client).await.is_ok() })
+    });
+    g.finish();
+}
+
+fn settings() -> Criterion {
+    Criterion::default()
+        .sample_size(40)
+        .warm_up_time(Duration::from_millis(700))
+        .measurement_time(Duration::from_secs(2))
+}
+
+criterion_group! {
+    name = benches;
+    config = settings();
+    targets = bearer, path, routes, grants, cache
+}
+criterion_main!(benches);

@@ -1,0 +1,638 @@
+#!/usr/bin/env bash
+# End-to-end load bench: campaign-gate with auth against nginx, side by side, on loopback.
+#
+#   benches/load.sh
+#
+# What it does (everything on 127.0.0.1, every process it starts is stopped on exit):
+#  1. installs what is missing from Debian (nginx-light, wrk, redis-server/redis-tools,
+#     nghttp2-client for h2load, curl, python3) with apt-get;
+#  2. builds campaign-gate in release mode (`cargo build --release --locked`);
+#  3. starts the backend: nginx, 1 worker, `return 200 "ok"` (and, for uploads, a POST
+#     location that reads the whole body before answering);
+#  4. starts the peers on the same backend: nginx `proxy_pass` without auth, nginx with
+#     `auth_request` to a one-line location (`return 204`), both with WORKERS worker
+#     processes, upstream keep-alive, `access_log off`;
+#  5. starts campaign-gate with WORKERS workers (`[server] workers`; for the
+#     `multi-thread` layout also TOKIO_WORKER_THREADS) in its default runtime layout
+#     (GATE_RUNTIME=multi-thread for the other one) on a private redis-server when the
+#     binary supports `redis://` stores, else on the `file:` store (said so);
+#  6. creates API users and keys with the CLI (the 10,000 cold keys in bulk: with the
+#     `file:` store by writing the store's JSON, with Redis through the CLI in parallel);
+#  7. drives keep-alive load with wrk (-t THREADS -c CONNS -d DURATION, a Lua script
+#     rotating 8 Authorization headers; the same script and requests for every target),
+#     RUNS runs per scenario, interleaved across targets so that noise from other work on
+#     the machine spreads evenly; reports medians.
+# Scenarios: warm keys (backend direct, nginx proxy_pass, nginx auth_request,
+# campaign-gate), cold keys (10,000 keys each used once), invalidation storm (Redis only),
+# h2c downstream (h2load), 10 MB upload (curl). TLS: see the TLS hook below.
+#
+# Access logs are off on every proxy (nginx `access_log off`, campaign-gate
+# CAMPAIGN_GATE_LOG=warn); ACCESS_LOG=1 turns them on for all (to files).
+#
+# Environment: RUNS (3), DURATION seconds (10), CONNS (64), THREADS wrk threads (2),
+# WORKERS proxy workers (2), GATE_RUNTIME (the binary's default), ACCESS_LOG (0),
+# OUT results dir (target/load-bench), SKIP_BUILD=1, KEEP=1 keeps the scratch dir.
+# Results: $OUT/results.md and the raw runs beside it.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+RUNS=${RUNS:-3}
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-64}
+THREADS=${THREADS:-2}
+WORKERS=${WORKERS:-2}
+ACCESS_LOG=${ACCESS_LOG:-0}
+GATE_RUNTIME=${GATE_RUNTIME:-}
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+OUT=${OUT:-$TARGET_DIR/load-bench}
+BIN=$TARGET_DIR/release/campaign-gate
+WARM_KEYS=8
+COLD_USERS=5000 # x 2 keys each: the most a user may hold
+STORM_PER_SEC=100
+ROUTE=/campaignapi/resources/v3/campaigncontents/4711
+UPLOAD_ROUTE=/campaignapi/resources/v3/events
+UPLOAD_BYTES=10000000
+
+log() { printf '[load.sh %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ---- processes: every one we start is recorded and stopped on exit --------------------
+WORK=$(mktemp -d /tmp/campaign-gate-load.XXXXXX)
+STARTED=()
+cleanup() {
+  local pid
+  for pid in "${STARTED[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${STARTED[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
+  if [ "${KEEP:-0}" = 1 ]; then log "scratch dir kept: $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+forget() { # drop a pid we stopped ourselves from the cleanup list
+  local keep=() p
+  for p in "${STARTED[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+  STARTED=("${keep[@]}")
+}
+
+# ---- 1. tools ---------------------------------------------------------------------------
+install_missing() {
+  local need=()
+  command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+  command -v wrk >/dev/null 2>&1 || need+=(wrk)
+  command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+  command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
+  command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
+  command -v curl >/dev/null 2>&1 || need+=(curl)
+  command -v python3 >/dev/null 2>&1 || need+=(python3)
+  [ ${#need[@]} -eq 0 ] && return
+  log "installing ${need[*]}"
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq || true
+  local p
+  for p in "${need[@]}"; do # one by one: a package that cannot be had skips its peer only
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$p" >/dev/null 2>&1 ||
+      log "could not install $p"
+  done
+}
+install_missing
+export PATH=$PATH:/usr/sbin
+for tool in nginx wrk curl python3; do
+  command -v "$tool" >/dev/null 2>&1 || die "$tool is required and could not be installed"
+done
+
+# ---- 2. build ---------------------------------------------------------------------------
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  log "building campaign-gate (release: lto=fat, codegen-units=1; slow the first time)"
+  (cd "$ROOT" && cargo build --release --locked --bin campaign-gate) >&2
+fi
+[ -x "$BIN" ] || die "no binary at $BIN"
+mkdir -p "$OUT"
+rm -f "$OUT"/*.tsv "$OUT"/*.txt "$OUT"/results.md
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+wait_port() { # port, seconds
+  local i
+  for ((i = 0; i < $2 * 20; i++)); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  die "nothing listens on 127.0.0.1:$1 after $2 s"
+}
+
+CLK_TCK=$(getconf CLK_TCK)
+# utime+stime (all threads) of the given pids and their children, in clock ticks.
+cpu_ticks() {
+  local total=0 pid p stat fields
+  for pid in "$@"; do
+    for p in $pid $(ps -o pid= --ppid "$pid" 2>/dev/null || true); do
+      stat=$(cat "/proc/$p/stat" 2>/dev/null) || continue
+      read -r -a fields <<<"${stat##*) }" # fields from the 3rd (state) on
+      total=$((total + fields[11] + fields[12]))
+    done
+  done
+  echo "$total"
+}
+status_kib() { awk -v f="$2:" '$1 == f {print $2}' "/proc/$1/status"; }
+rss_kib() { # pid and its children
+  local total=0 p
+  for p in $1 $(ps -o pid= --ppid "$1" 2>/dev/null || true); do
+    total=$((total + $(status_kib "$p" VmRSS)))
+  done
+  echo "$total"
+}
+
+# ---- 3./4. backend and nginx peers -------------------------------------------------------
+BACKEND_PORT=$(free_port)
+NGX_PROXY_PORT=$(free_port)
+NGX_AUTH_PORT=$(free_port)
+NGX_H2_PORT=$(free_port)
+GATE_PORT=$(free_port)
+GATE_ADMIN_PORT=$(free_port)
+REDIS_PORT=$(free_port)
+
+nginx_conf() { # name, workers, server blocks
+  local dir=$WORK/nginx-$1 user=""
+  mkdir -p "$dir/tmp"
+  [ "$(id -u)" = 0 ] && user="user root;"
+  cat >"$dir/nginx.conf" <<EOF
+$user
+worker_processes $2;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 8192; }
+http {
+  $([ "$ACCESS_LOG" = 1 ] && [ "$1" != backend ] && echo "access_log $dir/access.log;" || echo "access_log off;")
+  default_type text/plain;
+  keepalive_requests 1000000;
+  keepalive_timeout 75s;
+  client_max_body_size 20m;
+  client_body_temp_path $dir/tmp/body;
+  proxy_temp_path $dir/tmp/proxy;
+  fastcgi_temp_path $dir/tmp/fastcgi;
+  uwsgi_temp_path $dir/tmp/uwsgi;
+  scgi_temp_path $dir/tmp/scgi;
+  upstream backend {
+    server 127.0.0.1:$BACKEND_PORT;
+    keepalive 128;
+    keepalive_requests 1000000;
+  }
+$3
+}
+EOF
+  echo "$dir"
+}
+start_nginx() { # name, workers, server blocks, port
+  local dir
+  dir=$(nginx_conf "$1" "$2" "$3")
+  nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" -g 'daemon off;' &
+  STARTED+=($!)
+  eval "PID_$(echo "$1" | tr - _)=$!"
+  wait_port "$4" 10
+}
+
+PROXY_LOCATION="proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_request_buffering off;"
+start_nginx backend 1 "
+  server {
+    listen 127.0.0.1:$BACKEND_PORT backlog=4096;
+    location / { return 200 \"ok\"; }
+    # Uploads: read the whole body before answering, so the client's time is the upload.
+    location = $UPLOAD_ROUTE {
+      client_body_buffer_size 16m;
+      proxy_pass_request_body off;
+      proxy_set_header Content-Length \"\";
+      proxy_pass http://backend/ok;
+    }
+  }" "$BACKEND_PORT"
+start_nginx proxy "$WORKERS" "
+  server {
+    listen 127.0.0.1:$NGX_PROXY_PORT backlog=4096;
+    location / { $PROXY_LOCATION }
+  }
+  server {
+    listen 127.0.0.1:$NGX_H2_PORT http2 backlog=4096;
+    location / { $PROXY_LOCATION }
+  }" "$NGX_PROXY_PORT"
+start_nginx auth "$WORKERS" "
+  server {
+    listen 127.0.0.1:$NGX_AUTH_PORT backlog=4096;
+    location / { auth_request /_auth; $PROXY_LOCATION }
+    location = /_auth { internal; return 204; }
+  }" "$NGX_AUTH_PORT"
+# shellcheck disable=SC2154
+log "backend :$BACKEND_PORT (pid $PID_backend), nginx proxy_pass :$NGX_PROXY_PORT, auth_request :$NGX_AUTH_PORT"
+
+# ---- 5. store and gateway -----------------------------------------------------------------
+STORE_KIND=file
+STORE_URL="file:$WORK/store.json"
+if command -v redis-server >/dev/null 2>&1; then
+  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
+    --dir "$WORK" --logfile "$WORK/redis.log" &
+  STARTED+=($!)
+  REDIS_PID=$!
+  wait_port "$REDIS_PORT" 10
+  if "$BIN" --store "redis://127.0.0.1:$REDIS_PORT/0" users list >/dev/null 2>"$WORK/redis-probe.err"; then
+    STORE_KIND=redis
+    STORE_URL="redis://127.0.0.1:$REDIS_PORT/0"
+  else
+    log "this campaign-gate has no redis:// store yet ($(head -c 200 "$WORK/redis-probe.err")): FALLING BACK TO THE file: STORE"
+    kill "$REDIS_PID"
+    wait "$REDIS_PID" 2>/dev/null || true
+    forget "$REDIS_PID"
+  fi
+fi
+log "store: $STORE_KIND ($STORE_URL)"
+
+{
+  cat <<EOF
+[server]
+listen = "127.0.0.1:$GATE_PORT"
+[admin]
+listen = "127.0.0.1:$GATE_ADMIN_PORT"
+[upstream]
+url = "http://127.0.0.1:$BACKEND_PORT"
+[store]
+url = "$STORE_URL"
+EOF
+  sed -n '/^\[\[apis\]\]/,$p' "$ROOT/campaign-gate.example.toml"
+} >"$WORK/gate.toml"
+cg() { "$BIN" --config "$WORK/gate.toml" "$@"; }
+
+# ---- 6. users and keys --------------------------------------------------------------------
+log "creating users and keys"
+if [ "$STORE_KIND" = file ]; then
+  # Bulk: write the store file in its documented format (version 1), as the CLI would
+  # leave it, with the 10,000 cold keys; the warm users are then added by the CLI.
+  python3 - "$WORK/store.json" "$WORK/cold_tokens.txt" "$COLD_USERS" <<'EOF'
+import base64, hashlib, json, sys, uuid
+store, tokens_path, users = sys.argv[1], sys.argv[2], int(sys.argv[3])
+data = {"version": 1, "generation": 1, "users": {}}
+with open(tokens_path, "w") as out:
+    for u in range(users):
+        keys = []
+        for slot in (1, 2):
+            key_id = str(uuid.uuid4())
+            token = base64.b64encode(f"{key_id}:{uuid.uuid4()}".encode()).decode()
+            out.write(token + "\n")
+            keys.append({"hash": hashlib.sha256(token.encode()).hexdigest(), "key_id": key_id,
+                         "slot": slot, "created_ms": 1, "expires_ms": None, "last_used_ms": None})
+        uid = f"cold{u}"
+        data["users"][uid] = {"id": uid, "type": "api", "tenant": "bench", "name": "",
+                              "disabled": False, "grants": ["campaigns", "events"],
+                              "created_ms": 1, "keys": keys}
+with open(store, "w") as f:
+    json.dump(data, f)
+EOF
+else
+  # Redis: through the CLI, in parallel (one process per user, two keys each).
+  seq 0 $((COLD_USERS - 1)) | xargs -P 4 -I{} sh -c \
+    '"$0" --config "$1" users create cold{} --type api --grant campaigns --grant events >/dev/null &&
+     "$0" --config "$1" keys generate cold{} 2>/dev/null &&
+     "$0" --config "$1" keys generate cold{} 2>/dev/null' \
+    "$BIN" "$WORK/gate.toml" >"$WORK/cold_tokens.txt"
+fi
+for i in $(seq 1 $((WARM_KEYS / 2))); do
+  cg users create "warm$i" --type api --grant campaigns --grant events >/dev/null
+  cg keys generate "warm$i" >>"$WORK/warm_tokens.txt" 2>/dev/null
+  cg keys generate "warm$i" >>"$WORK/warm_tokens.txt" 2>/dev/null
+done
+[ "$(wc -l <"$WORK/cold_tokens.txt")" -eq $((2 * COLD_USERS)) ] || die "cold keys missing"
+[ "$(wc -l <"$WORK/warm_tokens.txt")" -eq "$WARM_KEYS" ] || die "warm keys missing"
+
+GATE_PID=""
+start_gate() {
+  local log=warn
+  [ "$ACCESS_LOG" = 1 ] && log=info
+  env TOKIO_WORKER_THREADS="$WORKERS" CAMPAIGN_GATE_SERVER_WORKERS="$WORKERS" CAMPAIGN_GATE_LOG=$log \
+    ${GATE_RUNTIME:+CAMPAIGN_GATE_SERVER_RUNTIME=$GATE_RUNTIME} \
+    "$BIN" serve --config "$WORK/gate.toml" >"$WORK/gate.out" 2>>"$WORK/gate.err" &
+  GATE_PID=$!
+  STARTED+=("$GATE_PID")
+  local i
+  for ((i = 0; i < 200; i++)); do
+    grep -q "campaign-gate listening" "$WORK/gate.out" 2>/dev/null && break
+    kill -0 "$GATE_PID" 2>/dev/null || die "campaign-gate exited: $(tail -5 "$WORK/gate.err")"
+    sleep 0.05
+  done
+  wait_port "$GATE_PORT" 10
+  curl -fsS "http://127.0.0.1:$GATE_ADMIN_PORT/readyz" >/dev/null 2>&1 || sleep 1
+}
+stop_gate() {
+  kill "$GATE_PID" 2>/dev/null || true
+  wait "$GATE_PID" 2>/dev/null || true
+  forget "$GATE_PID"
+}
+start_gate
+code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $(head -1 "$WORK/warm_tokens.txt")" "http://127.0.0.1:$GATE_PORT$ROUTE")
+[ "$code" = 200 ] || die "campaign-gate answered $code to a warm key (want 200)"
+sleep 1
+GATE_IDLE_KIB=$(status_kib "$GATE_PID" VmRSS)
+log "campaign-gate :$GATE_PORT (pid $GATE_PID), idle RSS $((GATE_IDLE_KIB / 1024)) MiB"
+
+# ---- wrk scripts ----------------------------------------------------------------------
+cat >"$WORK/report.lua" <<'EOF'
+function report(requests, duration_us, latency, errors)
+  io.write(string.format(
+    "RESULT requests=%d duration_us=%d p50_us=%d p99_us=%d p999_us=%d non2xx=%d socket_errors=%d\n",
+    requests, duration_us, latency:percentile(50), latency:percentile(99),
+    latency:percentile(99.9), errors.status, errors.connect + errors.read + errors.write + errors.timeout))
+end
+EOF
+# Warm keys: requests prebuilt at init, rotated per request; every thread starts elsewhere.
+cat "$WORK/report.lua" - >"$WORK/rotate.lua" <<'EOF'
+local reqs, n, i = {}, 0, 0
+function init(args)
+  for line in io.lines(args[1]) do
+    n = n + 1
+    reqs[n] = wrk.format("GET", args[2], { Host = "bench", Authorization = "Bearer " .. line })
+  end
+  i = math.random(n)
+end
+function request()
+  i = i % n + 1
+  return reqs[i]
+end
+function done(s, latency)
+  report(s.requests, s.duration, latency, s.errors)
+end
+EOF
+# Cold keys: each thread takes every THREADS-th token, uses each once, and stops when the
+# ones left are only enough for the requests still in flight. wrk's own duration is the
+# whole -d even after the threads stop, so the time is taken here, from the first request
+# to the last response (LuaJIT's FFI: clock_gettime(CLOCK_MONOTONIC)).
+cat "$WORK/report.lua" - >"$WORK/cold.lua" <<'EOF'
+local ffi = require("ffi")
+ffi.cdef [[
+  typedef struct { long tv_sec; long tv_nsec; } cg_timespec;
+  int clock_gettime(int clock, cg_timespec *ts);
+]]
+local ts = ffi.new("cg_timespec")
+local function now_us()
+  ffi.C.clock_gettime(1, ts)
+  return tonumber(ts.tv_sec) * 1e6 + tonumber(ts.tv_nsec) / 1e3
+end
+local threads, next_id = {}, 0
+function setup(thread)
+  thread:set("tid", next_id)
+  next_id = next_id + 1
+  table.insert(threads, thread)
+end
+local reqs, n, i, quota = {}, 0, 0, 0
+first_us, last_us, seen = 0, 0, 0
+function init(args)
+  local nthreads, per_thread, k = tonumber(args[3]), tonumber(args[4]), 0
+  for line in io.lines(args[1]) do
+    if k % nthreads == tid then
+      n = n + 1
+      reqs[n] = wrk.format("GET", args[2], { Host = "bench", Authorization = "Bearer " .. line })
+    end
+    k = k + 1
+  end
+  quota = n - per_thread
+end
+function request()
+  if first_us == 0 then first_us = now_us() end
+  if i < n then i = i + 1 end
+  return reqs[i]
+end
+function response(status)
+  seen = seen + 1
+  last_us = now_us()
+  if seen >= quota then wrk.thread:stop() end
+end
+function done(s, latency)
+  local first, last, total = math.huge, 0, 0
+  for _, t in ipairs(threads) do
+    first = math.min(first, t:get("first_us"))
+    last = math.max(last, t:get("last_us"))
+    total = total + t:get("seen")
+  end
+  report(total, last - first, latency, s.errors)
+end
+EOF
+
+# ---- scenario runner ----------------------------------------------------------------------
+# run_wrk scenario run url pids-for-cpu [lua script] [tokens] -> one row in $OUT/runs.tsv
+RUNS_TSV=$OUT/runs.tsv
+printf 'scenario\trun\trps\tp50_ms\tp99_ms\tp999_ms\tcpu_s_per_10k\tnon2xx\tsocket_errors\n' >"$RUNS_TSV"
+run_wrk() {
+  local scenario=$1 run=$2 url=$3 pids=$4 script=${5:-$WORK/rotate.lua} tokens=${6:-$WORK/warm_tokens.txt}
+  local raw=$OUT/$scenario.run$run.txt t0 t1
+  # shellcheck disable=SC2086
+  t0=$(cpu_ticks $pids)
+  wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --timeout 5s --latency -s "$script" "$url" \
+    -- "$tokens" "$ROUTE" "$THREADS" $((CONNS / THREADS)) >"$raw" 2>&1 || true
+  # shellcheck disable=SC2086
+  t1=$(cpu_ticks $pids)
+  local line
+  line=$(grep '^RESULT' "$raw") || die "wrk failed for $scenario: $(tail -3 "$raw")"
+  eval "local ${line#RESULT }"
+  # shellcheck disable=SC2154
+  awk -v s="$scenario" -v r="$run" -v n="$requests" -v d="$duration_us" -v a="$p50_us" \
+    -v b="$p99_us" -v c="$p999_us" -v ticks=$((t1 - t0)) -v hz="$CLK_TCK" -v x="$non2xx" -v e="$socket_errors" \
+    'BEGIN { printf "%s\t%s\t%.0f\t%.3f\t%.3f\t%.3f\t%.3f\t%d\t%d\n", s, r, n / (d / 1e6), a / 1e3, b / 1e3, c / 1e3, (ticks / hz) / n * 1e4, x, e }' \
+    >>"$RUNS_TSV"
+  tail -1 "$RUNS_TSV" | awk -F'\t' '{ printf "  %-22s run %s: %7s req/s  p50 %6s ms  p99 %6s ms  p99.9 %6s ms  cpu %s s/10k  non2xx %s  errors %s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9 }' >&2
+  [ "$non2xx" = 0 ] || log "WARNING: $scenario run $run had $non2xx non-2xx answers"
+}
+warmup() { # url [script tokens]
+  wrk -t"$THREADS" -c"$CONNS" -d2s -s "${2:-$WORK/rotate.lua}" "$1" -- "${3:-$WORK/warm_tokens.txt}" "$ROUTE" >/dev/null 2>&1 || true
+}
+
+BACKEND_URL=http://127.0.0.1:$BACKEND_PORT$ROUTE
+PROXY_URL=http://127.0.0.1:$NGX_PROXY_PORT$ROUTE
+AUTH_URL=http://127.0.0.1:$NGX_AUTH_PORT$ROUTE
+GATE_URL=http://127.0.0.1:$GATE_PORT$ROUTE
+
+# ---- warm keys ------------------------------------------------------------------------
+log "warm keys: $RUNS runs x ${DURATION}s per target, wrk -t$THREADS -c$CONNS, interleaved"
+for url in "$BACKEND_URL" "$PROXY_URL" "$AUTH_URL" "$GATE_URL"; do warmup "$url"; done
+for run in $(seq 1 "$RUNS"); do
+  run_wrk backend "$run" "$BACKEND_URL" "$PID_backend"
+  # shellcheck disable=SC2154
+  run_wrk nginx_proxy_pass "$run" "$PROXY_URL" "$PID_proxy"
+  # shellcheck disable=SC2154
+  run_wrk nginx_auth_request "$run" "$AUTH_URL" "$PID_auth"
+  run_wrk campaign_gate "$run" "$GATE_URL" "$GATE_PID"
+done
+GATE_PEAK_KIB=$(status_kib "$GATE_PID" VmHWM)
+GATE_AFTER_KIB=$(status_kib "$GATE_PID" VmRSS)
+NGX_PROXY_KIB=$(rss_kib "$PID_proxy")
+NGX_AUTH_KIB=$(rss_kib "$PID_auth")
+
+# ---- h2c downstream -------------------------------------------------------------------
+H2_TSV=$OUT/h2c.tsv
+printf 'scenario\trun\trps\tmean_ms\tfailed\tcpu_s_per_10k\n' >"$H2_TSV"
+if command -v h2load >/dev/null 2>&1; then
+  log "h2c: h2load -t$THREADS -c$CONNS -m1 -D$DURATION, $RUNS runs per target"
+  token=$(head -1 "$WORK/warm_tokens.txt")
+  for run in $(seq 1 "$RUNS"); do
+    for target in "nginx_proxy_pass_h2c http://127.0.0.1:$NGX_H2_PORT$ROUTE $PID_proxy" "campaign_gate_h2c $GATE_URL $GATE_PID"; do
+      set -- $target
+      raw=$OUT/$1.run$run.txt
+      t0=$(cpu_ticks "$3")
+      h2load -t"$THREADS" -c"$CONNS" -m1 -D"$DURATION" --warm-up-time=1 \
+        -H "authorization: Bearer $token" "$2" >"$raw" 2>&1 || true
+      t1=$(cpu_ticks "$3")
+      # CPU ticks span the warm-up second too: counted against its share of requests.
+      awk -v s="$1" -v r="$run" -v ticks=$((t1 - t0)) -v hz="$CLK_TCK" -v d="$DURATION" '
+        /^finished in/ { rps = $4 }
+        /^requests:/ { failed = $10 + $12 }
+        /^time for request:/ { mean = $6 }
+        END { u = mean; ms = u ~ /ms$/ ? u + 0 : (u ~ /us$/ ? u / 1000 : u * 1000);
+              printf "%s\t%s\t%.0f\t%.3f\t%d\t%.3f\n", s, r, rps, ms, failed, (ticks / hz) / (rps * (d + 1)) * 1e4 }' "$raw" >>"$H2_TSV"
+      tail -1 "$H2_TSV" | awk -F'\t' '{ printf "  %-22s run %s: %7s req/s  mean %s ms  failed %s  cpu %s s/10k\n", $1, $2, $3, $4, $5, $6 }' >&2
+    done
+  done
+else
+  log "h2c: SKIPPED, h2load (Debian nghttp2-client) could not be installed"
+fi
+
+# ---- 10 MB upload -------------------------------------------------------------------------
+UP_TSV=$OUT/upload.tsv
+printf 'scenario\trun\tmb_per_s\tstatus\n' >"$UP_TSV"
+head -c "$UPLOAD_BYTES" /dev/urandom >"$WORK/body.bin"
+log "upload: $((UPLOAD_BYTES / 1000000)) MB POST with curl, 5 per target"
+token=$(head -1 "$WORK/warm_tokens.txt")
+for run in 1 2 3 4 5; do
+  for target in "backend $BACKEND_PORT" "nginx_proxy_pass $NGX_PROXY_PORT" "nginx_auth_request $NGX_AUTH_PORT" "campaign_gate $GATE_PORT"; do
+    set -- $target
+    curl -s -o /dev/null --max-time 30 -w "%{time_total} %{http_code}\n" -H 'Expect:' \
+      -H 'Content-Type: application/octet-stream' -H "Authorization: Bearer $token" \
+      --data-binary @"$WORK/body.bin" "http://127.0.0.1:$2$UPLOAD_ROUTE" |
+      awk -v s="$1" -v r="$run" -v b="$UPLOAD_BYTES" '{ printf "%s\t%s\t%.1f\t%s\n", s, r, b / 1e6 / $1, $2 }' >>"$UP_TSV"
+  done
+done
+awk -F'\t' 'NR > 1 && $4 != 200 { bad = bad " " $1 "=" $4 } END { if (bad) print "[load.sh] WARNING: upload statuses:" bad > "/dev/stderr" }' "$UP_TSV"
+
+# ---- invalidation storm (Redis only) --------------------------------------------------
+# A key of another user revoked every 10 ms (`keys delete --now` through the CLI) while
+# the warm keys are under load. Each storm run is paired with a control run in which the
+# same loop spawns the same CLI doing a read (`keys list`): the CLI's own CPU cost on this
+# 2-core machine is then in both, and the difference is the invalidations'.
+if [ "$STORE_KIND" = redis ]; then
+  storm_users=$((RUNS * DURATION * STORM_PER_SEC / 2 + 10))
+  log "storm: creating $storm_users users with 2 keys each"
+  seq 1 "$storm_users" | xargs -P 4 -I{} sh -c \
+    '"$0" --config "$1" users create storm{} --type api --grant events >/dev/null &&
+     "$0" --config "$1" keys generate storm{} >/dev/null && "$0" --config "$1" keys generate storm{} >/dev/null' \
+    "$BIN" "$WORK/gate.toml"
+  storm_loop() { # revoke|control, first storm user: runs for DURATION seconds
+    local end=$((SECONDS + DURATION)) n=0 user=$2
+    while [ "$SECONDS" -lt "$end" ]; do
+      if [ "$1" = revoke ]; then
+        # Slot 2 first: deleting it promotes nothing, so the two never race.
+        cg keys delete "storm$user" --slot $((2 - n % 2)) --now >/dev/null 2>&1 &
+        n=$((n + 1))
+        [ $((n % 2)) = 0 ] && user=$((user + 1))
+      else
+        cg keys list "storm1" >/dev/null 2>&1 &
+      fi
+      sleep 0.01
+    done
+    wait
+  }
+  for run in $(seq 1 "$RUNS"); do
+    run_wrk storm_baseline "$run" "$GATE_URL" "$GATE_PID"
+    storm_loop control 1 &
+    loop=$!
+    run_wrk storm_control "$run" "$GATE_URL" "$GATE_PID"
+    wait "$loop" || true
+    storm_loop revoke $(((run - 1) * DURATION * STORM_PER_SEC / 2 + 1)) &
+    loop=$!
+    run_wrk storm_revoking "$run" "$GATE_URL" "$GATE_PID"
+    wait "$loop" || true
+  done
+else
+  log "storm: SKIPPED, needs the Redis store (the file: store flushes the whole cache on any change)"
+fi
+
+# ---- cold keys ------------------------------------------------------------------------
+# A fresh gateway per run (empty cache); a short warm-key run first fills the upstream
+# pool, then 10,000 keys each used once (the last few per connection are left unused).
+log "cold keys: $((2 * COLD_USERS)) keys each used once, $RUNS runs (gateway restarted per run)"
+for run in $(seq 1 "$RUNS"); do
+  stop_gate
+  start_gate
+  warmup "$GATE_URL"
+  run_wrk campaign_gate_cold "$run" "$GATE_URL" "$GATE_PID" "$WORK/cold.lua" "$WORK/cold_tokens.txt"
+done
+
+# ---- TLS hook -------------------------------------------------------------------------
+# When campaign-gate terminates TLS: make a self-signed pair here (openssl req -x509
+# -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=127.0.0.1), add
+# `tls = { cert = ..., key = ... }` under [server] in gate.toml, a `listen ... ssl` server
+# with the same pair to the nginx proxy and auth confs, and call run_wrk with https://
+# URLs (wrk speaks TLS) as in "warm keys" above, as scenarios *_tls.
+log "TLS: not measured yet (hook in benches/load.sh)"
+
+# ---- report ---------------------------------------------------------------------------
+median_of() { # tsv file, scenario, column -> median
+  awk -F'\t' -v s="$2" -v c="$3" '$1 == s { print $c }' "$1" | sort -g |
+    awk '{ a[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2fx", a / b }'; }
+PROXY_RPS=$(median_of "$RUNS_TSV" nginx_proxy_pass 3)
+AUTH_RPS=$(median_of "$RUNS_TSV" nginx_auth_request 3)
+GATE_RPS=$(median_of "$RUNS_TSV" campaign_gate 3)
+{
+  echo "## campaign-gate load bench, $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo
+  echo "Machine: $(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), $(uname -r);" \
+    "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
+  echo "wrk -t$THREADS -c$CONNS -d${DURATION}s, $RUNS runs per scenario (interleaved), medians of each column;" \
+    "proxies with $WORKERS workers (campaign-gate runtime: ${GATE_RUNTIME:-default}); backend: nginx, 1 worker, \`return 200\`;" \
+    "access logs $([ "$ACCESS_LOG" = 1 ] && echo on || echo off); store: **$STORE_KIND**."
+  echo
+  echo "| scenario | req/s | p50 ms | p99 ms | p99.9 ms | proxy CPU s / 10k req | vs nginx proxy_pass | vs nginx auth_request |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+  for s in backend nginx_proxy_pass nginx_auth_request campaign_gate campaign_gate_cold storm_baseline storm_control storm_revoking; do
+    rps=$(median_of "$RUNS_TSV" "$s" 3)
+    [ "$rps" = - ] && continue
+    echo "| $s | $rps | $(median_of "$RUNS_TSV" "$s" 4) | $(median_of "$RUNS_TSV" "$s" 5) | $(median_of "$RUNS_TSV" "$s" 6) |" \
+      "$(median_of "$RUNS_TSV" "$s" 7) | $(ratio "$rps" "$PROXY_RPS") | $(ratio "$rps" "$AUTH_RPS") |"
+  done
+  echo
+  echo "(For \`backend\` the CPU column is the backend's own; for nginx it counts master and workers.)"
+  echo
+  echo "CPU per request (less noisy than req/s on a shared machine): campaign-gate uses" \
+    "$(ratio "$(median_of "$RUNS_TSV" campaign_gate 7)" "$(median_of "$RUNS_TSV" nginx_proxy_pass 7)") the CPU of nginx proxy_pass and" \
+    "$(ratio "$(median_of "$RUNS_TSV" campaign_gate 7)" "$(median_of "$RUNS_TSV" nginx_auth_request 7)") that of nginx auth_request."
+  echo
+  echo "Cold keys / warm keys: $(ratio "$(median_of "$RUNS_TSV" campaign_gate_cold 3)" "$GATE_RPS")."
+  if [ "$STORE_KIND" = redis ]; then
+    echo "Storm: revoking / baseline $(ratio "$(median_of "$RUNS_TSV" storm_revoking 3)" "$(median_of "$RUNS_TSV" storm_baseline 3)")," \
+      "revoking / control $(ratio "$(median_of "$RUNS_TSV" storm_revoking 3)" "$(median_of "$RUNS_TSV" storm_control 3)")."
+  else
+    echo "Storm: not measured (needs the Redis store)."
+  fi
+  echo
+  echo "Memory (VmRSS / VmHWM; the $STORE_KIND store holds $((2 * COLD_USERS + WARM_KEYS)) keys): campaign-gate idle $((GATE_IDLE_KIB / 1024)) MiB, after the warm runs $((GATE_AFTER_KIB / 1024)) MiB," \
+    "peak $((GATE_PEAK_KIB / 1024)) MiB; nginx proxy_pass (master + workers) $((NGX_PROXY_KIB / 1024)) MiB, auth_request $((NGX_AUTH_KIB / 1024)) MiB."
+  if [ "$(wc -l <"$H2_TSV")" -gt 1 ]; then
+    echo
+    echo "h2c (h2load -c$CONNS -m1, ${DURATION}s):"
+    echo
+    echo "| scenario | req/s | mean ms | failed | proxy CPU s / 10k req (approx.) |"
+    echo "|---|---:|---:|---:|---:|"
+    for s in nginx_proxy_pass_h2c campaign_gate_h2c; do
+      echo "| $s | $(median_of "$H2_TSV" $s 3) | $(median_of "$H2_TSV" $s 4) | $(median_of "$H2_TSV" $s 5) | $(median_of "$H2_TSV" $s 6) |"
+    done
+  fi
+  echo
+  echo "10 MB upload (curl, one at a time, median of 5):"
+  echo
+  echo "| target | MB/s |"
+  echo "|---|---:|"
+  for s in backend nginx_proxy_pass nginx_auth_request campaign_gate; do
+    echo "| $s | $(median_of "$UP_TSV" $s 3) |"
+  done
+} >"$OUT/results.md"
+cat "$OUT/results.md"
+log "raw runs in $OUT"
