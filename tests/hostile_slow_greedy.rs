@@ -671,7 +671,9 @@ async fn h2_rapid_reset_of_1000_streams_is_cut_off() {
     eprintln!(
         "rapid reset: {floods} floods of 1,000 streams; slowest well-behaved answer {slowest:?}"
     );
-    // h2 itself still works for a well-behaved h2 client on another address.
+    // h2 itself still works for a well-behaved h2 client on another address once the
+    // floods are over. (The 100 ms bound *during* the attack is the prober's, above;
+    // this new connection may wait behind the close of the last flood connections.)
     h2_request_ok(arena.gateway.addr, &arena.alice).await;
 }
 
@@ -724,7 +726,10 @@ async fn h2_streams_beyond_max_concurrent_streams_are_refused() {
 }
 
 /// One request over h2c with prior knowledge from [`OTHER_ADDRESS`], with the `h2`
-/// crate: 200 within [`common::hostile::PROMPT`].
+/// crate, on a new connection: 200 within [`AFTER_ATTACK`].
+/// How soon a new connection must be served once an attack has ended.
+const AFTER_ATTACK: Duration = Duration::from_secs(1);
+
 async fn h2_request_ok(addr: SocketAddr, token: &str) {
     let started = Instant::now();
     let tcp = common::connect_from(OTHER_ADDRESS, addr)
@@ -743,7 +748,7 @@ async fn h2_request_ok(addr: SocketAddr, token: &str) {
     let response = response.await.expect("h2 response");
     assert_eq!(response.status(), 200);
     let took = started.elapsed();
-    assert!(took < common::hostile::PROMPT, "h2 request took {took:?}");
+    assert!(took < AFTER_ATTACK, "h2 request took {took:?}");
     drop(client);
     driver.abort();
 }
