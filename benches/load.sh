@@ -24,7 +24,8 @@
 #     the machine spreads evenly; reports medians.
 # Scenarios: warm keys (backend direct, nginx proxy_pass, nginx auth_request,
 # campaign-gate), cold keys (10,000 keys each used once), invalidation storm (Redis only),
-# h2c downstream (h2load), 10 MB upload (curl). TLS: see the TLS hook below.
+# h2c downstream (h2load), 10 MB upload (curl), TLS downstream (self-signed P-256 pair;
+# skipped when openssl is missing or the binary has no TLS listener).
 #
 # Access logs are off on every proxy (nginx `access_log off`, campaign-gate
 # CAMPAIGN_GATE_LOG=warn); ACCESS_LOG=1 turns them on for all (to files).
@@ -153,6 +154,7 @@ BACKEND_PORT=$(free_port)
 NGX_PROXY_PORT=$(free_port)
 NGX_AUTH_PORT=$(free_port)
 NGX_H2_PORT=$(free_port)
+NGX_TLS_PORT=$(free_port)
 GATE_PORT=$(free_port)
 GATE_ADMIN_PORT=$(free_port)
 REDIS_PORT=$(free_port)
@@ -198,6 +200,22 @@ start_nginx() { # name, workers, server blocks, port
 }
 
 PROXY_LOCATION="proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_request_buffering off;"
+# TLS material for the TLS scenario, made before nginx reads its config.
+TLS_OK=0
+TLS_SERVER=""
+if command -v openssl >/dev/null 2>&1 &&
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+    -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+    -keyout "$WORK/tls.key" -out "$WORK/tls.crt" >/dev/null 2>&1; then
+  TLS_OK=1
+  TLS_SERVER="
+  server {
+    listen 127.0.0.1:$NGX_TLS_PORT ssl backlog=4096;
+    ssl_certificate $WORK/tls.crt;
+    ssl_certificate_key $WORK/tls.key;
+    location / { $PROXY_LOCATION }
+  }"
+fi
 start_nginx backend 1 "
   server {
     listen 127.0.0.1:$BACKEND_PORT backlog=4096;
@@ -218,7 +236,7 @@ start_nginx proxy "$WORKERS" "
   server {
     listen 127.0.0.1:$NGX_H2_PORT http2 backlog=4096;
     location / { $PROXY_LOCATION }
-  }" "$NGX_PROXY_PORT"
+  }$TLS_SERVER" "$NGX_PROXY_PORT"
 start_nginx auth "$WORKERS" "
   server {
     listen 127.0.0.1:$NGX_AUTH_PORT backlog=4096;
@@ -306,12 +324,13 @@ done
 [ "$(wc -l <"$WORK/warm_tokens.txt")" -eq "$WARM_KEYS" ] || die "warm keys missing"
 
 GATE_PID=""
+GATE_CONF=$WORK/gate.toml
 start_gate() {
   local log=warn
   [ "$ACCESS_LOG" = 1 ] && log=info
   env TOKIO_WORKER_THREADS="$WORKERS" CAMPAIGN_GATE_SERVER_WORKERS="$WORKERS" CAMPAIGN_GATE_LOG=$log \
     ${GATE_RUNTIME:+CAMPAIGN_GATE_SERVER_RUNTIME=$GATE_RUNTIME} \
-    "$BIN" serve --config "$WORK/gate.toml" >"$WORK/gate.out" 2>>"$WORK/gate.err" &
+    "$BIN" serve --config "$GATE_CONF" >"$WORK/gate.out" 2>>"$WORK/gate.err" &
   GATE_PID=$!
   STARTED+=("$GATE_PID")
   local i
@@ -321,6 +340,7 @@ start_gate() {
     sleep 0.05
   done
   wait_port "$GATE_PORT" 10
+  : >"$WORK/gate.out"
   curl -fsS "http://127.0.0.1:$GATE_ADMIN_PORT/readyz" >/dev/null 2>&1 || sleep 1
 }
 stop_gate() {
@@ -512,45 +532,120 @@ done
 awk -F'\t' 'NR > 1 && $4 != 200 { bad = bad " " $1 "=" $4 } END { if (bad) print "[load.sh] WARNING: upload statuses:" bad > "/dev/stderr" }' "$UP_TSV"
 
 # ---- invalidation storm (Redis only) --------------------------------------------------
-# A key of another user revoked every 10 ms (`keys delete --now` through the CLI) while
-# the warm keys are under load. Each storm run is paired with a control run in which the
-# same loop spawns the same CLI doing a read (`keys list`): the CLI's own CPU cost on this
-# 2-core machine is then in both, and the difference is the invalidations'.
+# A key of another user revoked every 10 ms while the warm keys are under load. The
+# revocation is the store's own delete-key script: its exact call (EVALSHA, keys and
+# arguments) is captured with MONITOR from one `keys delete --now` by the CLI, then
+# replayed for other users through one long-lived redis-cli, so the storm costs no
+# process spawns. Each storm run is paired with a control run that sends the same number
+# of PINGs the same way, and with a baseline run without either.
 if [ "$STORE_KIND" = redis ]; then
   storm_users=$((RUNS * DURATION * STORM_PER_SEC / 2 + 10))
   log "storm: creating $storm_users users with 2 keys each"
-  seq 1 "$storm_users" | xargs -P 4 -I{} sh -c \
+  seq 0 "$storm_users" | xargs -P 4 -I{} sh -c \
     '"$0" --config "$1" users create storm{} --type api --grant events >/dev/null &&
-     "$0" --config "$1" keys generate storm{} >/dev/null && "$0" --config "$1" keys generate storm{} >/dev/null' \
+     "$0" --config "$1" keys generate storm{} >/dev/null 2>&1 &&
+     "$0" --config "$1" keys generate storm{} >/dev/null 2>&1' \
     "$BIN" "$WORK/gate.toml"
-  storm_loop() { # revoke|control, first storm user: runs for DURATION seconds
-    local end=$((SECONDS + DURATION)) n=0 user=$2
-    while [ "$SECONDS" -lt "$end" ]; do
+  redis-cli -p "$REDIS_PORT" MONITOR >"$WORK/monitor.txt" 2>/dev/null &
+  monitor=$!
+  STARTED+=("$monitor")
+  sleep 0.3
+  cg keys delete storm0 --slot 2 --now >/dev/null 2>&1
+  sleep 0.3
+  kill "$monitor"
+  wait "$monitor" 2>/dev/null || true
+  forget "$monitor"
+  # `... [0 127.0.0.1:port] "EVALSHA" "<sha>" "2" "cg:user:{storm0}" ... "storm0" "2" "now"`
+  STORM_CALL=$(grep '"EVALSHA"' "$WORK/monitor.txt" | grep '"now"' | tail -1 | sed 's/^[^]]*] //')
+  [ -n "$STORM_CALL" ] || die "storm: could not capture the store's delete-key call"
+  log "storm: revoking with: $STORM_CALL"
+  storm_loop() { # revoke|control, first storm user: one command every 10 ms for DURATION s
+    local n=0 user=$2 now=${EPOCHREALTIME/./} call
+    local next=$now end=$((now + DURATION * 1000000)) wait_us pause
+    exec 7> >(exec redis-cli -p "$REDIS_PORT" >/dev/null 2>&1)
+    exec 8<> <(:) # never written: `read -t` on it sleeps without forking `sleep`
+    while [ "$now" -lt "$end" ]; do
       if [ "$1" = revoke ]; then
-        # Slot 2 first: deleting it promotes nothing, so the two never race.
-        cg keys delete "storm$user" --slot $((2 - n % 2)) --now >/dev/null 2>&1 &
-        n=$((n + 1))
-        [ $((n % 2)) = 0 ] && user=$((user + 1))
+        # Slot 2 first: deleting it promotes nothing; then slot 1.
+        call=${STORM_CALL//storm0/storm$user}
+        call=${call% \"2\" \"now\"}
+        printf '%s "%s" "now"\n' "$call" $((2 - n % 2)) >&7
+        [ $((n % 2)) = 1 ] && user=$((user + 1))
       else
-        cg keys list "storm1" >/dev/null 2>&1 &
+        printf 'PING\n' >&7
       fi
-      sleep 0.01
+      n=$((n + 1))
+      next=$((next + 1000000 / STORM_PER_SEC))
+      now=${EPOCHREALTIME/./}
+      wait_us=$((next - now))
+      if [ "$wait_us" -gt 0 ]; then
+        printf -v pause '0.%06d' "$wait_us"
+        read -r -t "$pause" -u 8 || true
+      fi
+      now=${EPOCHREALTIME/./}
     done
-    wait
+    exec 7>&- 8<&-
   }
+  metric() { # sum of a counter's samples on the admin endpoint
+    curl -fsS "http://127.0.0.1:$GATE_ADMIN_PORT/metrics" 2>/dev/null |
+      awk -v m="$1" '$1 == m || index($1, m "{") == 1 { n += $2 } END { printf "%d\n", n }'
+  }
+  STORM_INVALIDATIONS=0
+  STORM_REDIS_TICKS_CONTROL=0
+  STORM_REDIS_TICKS_REVOKING=0
+  STORM_FLUSHES_BEFORE=$(metric campaign_gate_cache_flushes_total)
   for run in $(seq 1 "$RUNS"); do
     run_wrk storm_baseline "$run" "$GATE_URL" "$GATE_PID"
+    r0=$(cpu_ticks "$REDIS_PID")
     storm_loop control 1 &
     loop=$!
     run_wrk storm_control "$run" "$GATE_URL" "$GATE_PID"
     wait "$loop" || true
+    r1=$(cpu_ticks "$REDIS_PID")
+    before=$(metric campaign_gate_invalidations_total)
     storm_loop revoke $(((run - 1) * DURATION * STORM_PER_SEC / 2 + 1)) &
     loop=$!
     run_wrk storm_revoking "$run" "$GATE_URL" "$GATE_PID"
     wait "$loop" || true
+    r2=$(cpu_ticks "$REDIS_PID")
+    STORM_REDIS_TICKS_CONTROL=$((STORM_REDIS_TICKS_CONTROL + r1 - r0))
+    STORM_REDIS_TICKS_REVOKING=$((STORM_REDIS_TICKS_REVOKING + r2 - r1))
+    STORM_INVALIDATIONS=$((STORM_INVALIDATIONS + $(metric campaign_gate_invalidations_total) - before))
   done
+  STORM_FLUSHES=$(($(metric campaign_gate_cache_flushes_total) - STORM_FLUSHES_BEFORE))
+  STORM_REDIS_CPU=$(awk -v c="$STORM_REDIS_TICKS_CONTROL" -v r="$STORM_REDIS_TICKS_REVOKING" -v hz="$CLK_TCK" \
+    'BEGIN { printf "redis-server CPU %.2f s in the control runs, %.2f s in the revoking runs", c / hz, r / hz }')
+  log "storm: $STORM_INVALIDATIONS invalidations applied by the gateway in $RUNS revoking runs, $STORM_FLUSHES full cache flushes; $STORM_REDIS_CPU"
 else
   log "storm: SKIPPED, needs the Redis store (the file: store flushes the whole cache on any change)"
+fi
+
+# ---- TLS downstream -------------------------------------------------------------------
+# The same warm-key load over TLS 1.3 (keep-alive, so handshakes are rare): nginx
+# proxy_pass with `listen ssl` against campaign-gate with `[server] tls`, same pair.
+if [ "$TLS_OK" = 1 ]; then
+  sed 's|^\[server\]$|[server]\ntls = { cert = "'"$WORK"'/tls.crt", key = "'"$WORK"'/tls.key" }|' \
+    "$WORK/gate.toml" >"$WORK/gate-tls.toml"
+  stop_gate
+  GATE_CONF=$WORK/gate-tls.toml
+  start_gate
+  code=$(curl -sk -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $(head -1 "$WORK/warm_tokens.txt")" "https://127.0.0.1:$GATE_PORT$ROUTE")
+  if [ "$code" = 200 ]; then
+    log "TLS: $RUNS runs x ${DURATION}s per target"
+    warmup "https://127.0.0.1:$NGX_TLS_PORT$ROUTE"
+    warmup "https://127.0.0.1:$GATE_PORT$ROUTE"
+    for run in $(seq 1 "$RUNS"); do
+      run_wrk nginx_proxy_pass_tls "$run" "https://127.0.0.1:$NGX_TLS_PORT$ROUTE" "$PID_proxy"
+      run_wrk campaign_gate_tls "$run" "https://127.0.0.1:$GATE_PORT$ROUTE" "$GATE_PID"
+    done
+  else
+    log "TLS: SKIPPED, campaign-gate did not answer over TLS ($code)"
+  fi
+  stop_gate
+  GATE_CONF=$WORK/gate.toml
+  start_gate
+else
+  log "TLS: SKIPPED, openssl could not make a key pair"
 fi
 
 # ---- cold keys ------------------------------------------------------------------------
@@ -563,14 +658,6 @@ for run in $(seq 1 "$RUNS"); do
   warmup "$GATE_URL"
   run_wrk campaign_gate_cold "$run" "$GATE_URL" "$GATE_PID" "$WORK/cold.lua" "$WORK/cold_tokens.txt"
 done
-
-# ---- TLS hook -------------------------------------------------------------------------
-# When campaign-gate terminates TLS: make a self-signed pair here (openssl req -x509
-# -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=127.0.0.1), add
-# `tls = { cert = ..., key = ... }` under [server] in gate.toml, a `listen ... ssl` server
-# with the same pair to the nginx proxy and auth confs, and call run_wrk with https://
-# URLs (wrk speaks TLS) as in "warm keys" above, as scenarios *_tls.
-log "TLS: not measured yet (hook in benches/load.sh)"
 
 # ---- report ---------------------------------------------------------------------------
 median_of() { # tsv file, scenario, column -> median
@@ -592,7 +679,7 @@ GATE_RPS=$(median_of "$RUNS_TSV" campaign_gate 3)
   echo
   echo "| scenario | req/s | p50 ms | p99 ms | p99.9 ms | proxy CPU s / 10k req | vs nginx proxy_pass | vs nginx auth_request |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|"
-  for s in backend nginx_proxy_pass nginx_auth_request campaign_gate campaign_gate_cold storm_baseline storm_control storm_revoking; do
+  for s in backend nginx_proxy_pass nginx_auth_request campaign_gate campaign_gate_cold storm_baseline storm_control storm_revoking nginx_proxy_pass_tls campaign_gate_tls; do
     rps=$(median_of "$RUNS_TSV" "$s" 3)
     [ "$rps" = - ] && continue
     echo "| $s | $rps | $(median_of "$RUNS_TSV" "$s" 4) | $(median_of "$RUNS_TSV" "$s" 5) | $(median_of "$RUNS_TSV" "$s" 6) |" \
@@ -605,10 +692,17 @@ GATE_RPS=$(median_of "$RUNS_TSV" campaign_gate 3)
     "$(ratio "$(median_of "$RUNS_TSV" campaign_gate 7)" "$(median_of "$RUNS_TSV" nginx_proxy_pass 7)") the CPU of nginx proxy_pass and" \
     "$(ratio "$(median_of "$RUNS_TSV" campaign_gate 7)" "$(median_of "$RUNS_TSV" nginx_auth_request 7)") that of nginx auth_request."
   echo
+  if [ "$(median_of "$RUNS_TSV" campaign_gate_tls 3)" != - ]; then
+    echo "TLS: campaign-gate / nginx proxy_pass over TLS: $(ratio "$(median_of "$RUNS_TSV" campaign_gate_tls 3)" "$(median_of "$RUNS_TSV" nginx_proxy_pass_tls 3)") req/s," \
+      "$(ratio "$(median_of "$RUNS_TSV" campaign_gate_tls 7)" "$(median_of "$RUNS_TSV" nginx_proxy_pass_tls 7)") CPU per request."
+    echo
+  fi
   echo "Cold keys / warm keys: $(ratio "$(median_of "$RUNS_TSV" campaign_gate_cold 3)" "$GATE_RPS")."
   if [ "$STORE_KIND" = redis ]; then
     echo "Storm: revoking / baseline $(ratio "$(median_of "$RUNS_TSV" storm_revoking 3)" "$(median_of "$RUNS_TSV" storm_baseline 3)")," \
-      "revoking / control $(ratio "$(median_of "$RUNS_TSV" storm_revoking 3)" "$(median_of "$RUNS_TSV" storm_control 3)")."
+      "revoking / control $(ratio "$(median_of "$RUNS_TSV" storm_revoking 3)" "$(median_of "$RUNS_TSV" storm_control 3)")" \
+      "($STORM_INVALIDATIONS invalidations applied in $RUNS x ${DURATION}s, $STORM_FLUSHES full cache flushes;" \
+      "the control run sends as many PINGs to Redis the same way; $STORM_REDIS_CPU)."
   else
     echo "Storm: not measured (needs the Redis store)."
   fi
