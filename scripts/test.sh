@@ -16,4 +16,4 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 command -v cargo >/dev/null 2>&1 || { echo "scripts/test.sh: cargo not found (install Rust: https://rustup.rs)" >&2; exit 1; }
 
-cargo test --locked "$@"
+cargo test --locked --no-fail-fast "$@"

@@ -229,9 +229,22 @@ async fn body_drip_faster_than_body_read_timeout_is_bounded_by_request_timeout()
     let answered_after = started.elapsed();
     drip.abort();
     let (resp, _) = parse_response(&bytes, true).expect("a response");
-    assert_eq!(resp.status, 504, "{}", resp.text());
+    // Normally 504 at `request_timeout`. On a loaded machine one of the 300 ms gaps can
+    // stretch past 1 s, and then the gap timer answers 408 first: either way the drip is
+    // cut, by one of its two bounds, and never reaches the backend whole.
+    match resp.status.as_u16() {
+        504 => assert!(
+            answered_after >= Duration::from_millis(1900),
+            "504 after {answered_after:?}, before request_timeout (2 s)"
+        ),
+        408 => assert!(
+            answered_after >= Duration::from_millis(900),
+            "408 after {answered_after:?}, before body_read_timeout (1 s)"
+        ),
+        other => panic!("{other}: {}", resp.text()),
+    }
     assert!(
-        answered_after >= Duration::from_millis(1900) && answered_after < Duration::from_secs(4),
+        answered_after < Duration::from_secs(4),
         "answered after {answered_after:?}; request_timeout is 2 s"
     );
     for r in arena.mallorys_requests() {
