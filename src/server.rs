@@ -583,19 +583,16 @@ async fn handle(
                 gate.metrics.auth_throttled.inc();
             }
             let resp = refusal.response(&request_id, policy.config.compat.campaign_statuses);
-            let principal = rejection.principal.as_deref();
-            log_request(
-                &head,
+            finish(
+                gate,
+                &head.method,
                 &request_id,
                 None,
-                principal.map(|p| &*p.user_id),
-                principal.and_then(|p| p.key_id_header.to_str().ok()),
+                rejection.principal.as_deref(),
+                outcome_of(refusal),
                 resp.status().as_u16(),
                 started,
             );
-            gate.metrics
-                .request(outcome_of(refusal), resp.status().as_u16());
-            gate.metrics.request_seconds.observe(started.elapsed());
             return Ok(resp);
         }
     };
@@ -674,21 +671,16 @@ async fn handle(
             outcome_of(refusal),
         ),
     };
-    let status = resp.status().as_u16();
-    if tracing::enabled!(tracing::Level::INFO) {
-        tracing::info!(
-            request_id = request_id.to_str().unwrap_or(""),
-            method = method.as_str(),
-            api = api_name,
-            user = &*principal.user_id,
-            key_id = principal.key_id_header.to_str().unwrap_or(""),
-            status,
-            latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            "request"
-        );
-    }
-    gate.metrics.request(outcome, status);
-    gate.metrics.request_seconds.observe(started.elapsed());
+    finish(
+        gate,
+        &method,
+        &request_id,
+        Some(api_name),
+        Some(&principal),
+        outcome,
+        resp.status().as_u16(),
+        started,
+    );
     Ok(resp)
 }
 
@@ -715,39 +707,49 @@ async fn token_exchange(
     };
     tokens::mark_deprecated(&mut resp, policy);
     let status = resp.status().as_u16();
-    log_request(
-        head,
+    finish(
+        gate,
+        &head.method,
         request_id,
         Some("(token)"),
         None,
-        None,
+        outcome_index,
         status,
         started,
     );
-    gate.metrics.request(outcome_index, status);
-    gate.metrics.request_seconds.observe(started.elapsed());
     resp
 }
 
-fn log_request(
-    head: &http::request::Parts,
+/// Ends every request the same way: one log line (never a token), the outcome counter
+/// and the latency histogram.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    gate: &Gate,
+    method: &http::Method,
     request_id: &HeaderValue,
     api: Option<&str>,
-    user: Option<&str>,
-    key_id: Option<&str>,
+    principal: Option<&crate::auth::Principal>,
+    outcome: usize,
     status: u16,
     started: Instant,
 ) {
-    tracing::info!(
-        request_id = request_id.to_str().unwrap_or(""),
-        method = head.method.as_str(),
-        api = api.unwrap_or("-"),
-        user = user.unwrap_or("-"),
-        key_id = key_id.unwrap_or("-"),
-        status,
-        latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-        "request"
-    );
+    let elapsed = started.elapsed();
+    if tracing::enabled!(tracing::Level::INFO) {
+        tracing::info!(
+            request_id = request_id.to_str().unwrap_or(""),
+            method = method.as_str(),
+            api = api.unwrap_or("-"),
+            user = principal.map_or("-", |p| &*p.user_id),
+            key_id = principal
+                .and_then(|p| p.key_id_header.to_str().ok())
+                .unwrap_or("-"),
+            status,
+            latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            "request"
+        );
+    }
+    gate.metrics.request(outcome, status);
+    gate.metrics.request_seconds.observe(elapsed);
 }
 
 /// Index into [`crate::telemetry::OUTCOMES`].
