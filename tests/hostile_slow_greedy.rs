@@ -8,6 +8,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -190,7 +191,9 @@ async fn body_drip_is_cut_by_body_read_timeout() {
             "the dripped body reached the backend whole: {r:?}"
         );
     }
-    prober.finish(10, "body drip");
+    // 10 answers per second of attack (the attack lasts about body_read_timeout).
+    let min = usize::try_from(closed_after.as_millis() / 100).unwrap_or(usize::MAX);
+    prober.finish(min.min(10), "body drip");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,12 +278,14 @@ async fn one_megabyte_header_block_gets_431() {
     }
     request.push_str("\r\n");
     assert!(request.len() >= 1024 * 1024, "{} bytes", request.len());
-    // One after another, for a second.
+    // One after another, for a second and until the well-behaved client made 10
+    // requests.
     let addr = arena.gateway.addr;
+    let probes = prober.counter();
     let replies = on_own_thread(async move {
         let started = Instant::now();
         let mut replies = Vec::new();
-        while started.elapsed() < Duration::from_secs(1) {
+        while started.elapsed() < Duration::from_secs(1) || probes.load(Ordering::Relaxed) < 10 {
             replies.push(raw(addr, request.as_bytes()).await);
         }
         replies
@@ -632,7 +637,7 @@ async fn h2_exchange(addr: SocketAddr, bytes: Bytes, within: Duration) -> (Vec<u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_rapid_reset_of_1000_streams_is_cut_off() {
     // 1,000 streams opened and reset at once on one connection, written in one go;
-    // repeated on new connections for a second, so the well-behaved client's requests
+    // repeated on new connections for a second (and until the prober made 20 requests), so the well-behaved client's requests
     // overlap the floods.
     let _turn = ONE_AT_A_TIME.lock().await;
     let arena = Arena::new(|b| b).await;
@@ -652,10 +657,14 @@ async fn h2_rapid_reset_of_1000_streams_is_cut_off() {
     }
     let flood = frames::freeze(out);
     let addr = arena.gateway.addr;
+    let probes = prober.counter();
     let outcomes = on_own_thread(async move {
         let started = Instant::now();
         let mut outcomes = Vec::new();
-        while started.elapsed() < Duration::from_secs(1) && outcomes.len() < 1000 {
+        // For a second and until the well-behaved client made 20 requests.
+        while (started.elapsed() < Duration::from_secs(1) || probes.load(Ordering::Relaxed) < 20)
+            && outcomes.len() < 1000
+        {
             let sent = Instant::now();
             let (got, closed) = h2_exchange(addr, flood.clone(), Duration::from_secs(5)).await;
             outcomes.push((frames::parse(&got), closed, sent.elapsed()));

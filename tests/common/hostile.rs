@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use campaign_gate::server::Gateway;
@@ -198,9 +198,26 @@ pub async fn metric(admin: SocketAddr, name: &str) -> u64 {
 /// A well-behaved client running beside an attack, on its own thread and runtime so
 /// that the attack's tasks do not delay it: from `from`, one request on a fresh
 /// connection every 20 ms, each timed from connect to the complete response.
+///
+/// Each gateway request is paired with one to a control server: a trivial HTTP
+/// server on its own thread that the attack does not touch, sent at the same moment
+/// from the same thread. A stall of the whole machine (another process, the
+/// hypervisor, the prober's own thread descheduled) delays both; a stall the
+/// gateway causes delays only the gateway's answer. [`Prober::finish`] holds the
+/// gateway to [`PROMPT`] beyond what the control took, so a shared CI machine's
+/// hiccups are not blamed on the gateway and a starved client still fails.
 pub struct Prober {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Vec<Result<Duration, String>>>,
+    done: Arc<AtomicUsize>,
+    thread: std::thread::JoinHandle<Vec<Probe>>,
+}
+
+/// One tick of the well-behaved client: the gateway's answer time (or why it
+/// failed) and the control server's.
+#[derive(Debug)]
+pub struct Probe {
+    pub gateway: Result<Duration, String>,
+    pub control: Duration,
 }
 
 /// How long the well-behaved client may wait for any one answer during an attack.
@@ -211,12 +228,14 @@ impl Prober {
     /// Returns once a first, untimed request got its 200.
     pub fn start(addr: SocketAddr, from: IpAddr, token: &str) -> Prober {
         let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicUsize::new(0));
         let request = format!(
             "POST {} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}\r\n\
              Content-Length: 2\r\nConnection: close\r\n\r\n{{}}",
             super::EVENTS
         );
-        let flag = stop.clone();
+        let control = control_server();
+        let (flag, count) = (stop.clone(), done.clone());
         let (warm, warmed) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -229,7 +248,13 @@ impl Prober {
                 let _ = warm.send(probe(addr, from, request.as_bytes()).await);
                 let mut out = Vec::new();
                 while !flag.load(Ordering::Relaxed) {
-                    out.push(probe(addr, from, request.as_bytes()).await);
+                    let (gateway, control) = tokio::join!(
+                        probe(addr, from, request.as_bytes()),
+                        probe(control, from, request.as_bytes())
+                    );
+                    let control = control.unwrap_or_else(|e| panic!("control server: {e}"));
+                    out.push(Probe { gateway, control });
+                    count.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 out
@@ -240,11 +265,18 @@ impl Prober {
             Ok(Err(e)) => panic!("the well-behaved client's first request failed: {e}"),
             Err(e) => panic!("the well-behaved client did not start: {e}"),
         }
-        Prober { stop, thread }
+        Prober { stop, done, thread }
+    }
+
+    /// How many timed requests the client has completed, live: an attack that must
+    /// overlap a given number of them runs until this reaches it.
+    pub fn counter(&self) -> Arc<AtomicUsize> {
+        self.done.clone()
     }
 
     /// Stops the client and asserts that it sent at least `min` requests and that
-    /// every one got 200 within [`PROMPT`]. Returns the slowest answer time.
+    /// every one got 200 within [`PROMPT`] beyond the control server's answer time
+    /// at the same tick. Returns the slowest answer time.
     #[track_caller]
     pub fn finish(self, min: usize, context: &str) -> Duration {
         self.stop.store(true, Ordering::Relaxed);
@@ -254,18 +286,26 @@ impl Prober {
             "{context}: the well-behaved client made only {} requests",
             results.len()
         );
+        let all = || {
+            results
+                .iter()
+                .map(|p| {
+                    let g = p.gateway.as_ref().map(Duration::as_millis);
+                    (g, p.control.as_millis())
+                })
+                .collect::<Vec<_>>()
+        };
         let mut slowest = Duration::ZERO;
-        for (i, r) in results.iter().enumerate() {
-            match r {
+        for (i, p) in results.iter().enumerate() {
+            match &p.gateway {
                 Ok(took) => {
                     assert!(
-                        *took < PROMPT,
-                        "{context}: well-behaved request {i} of {} took {took:?}; all, in ms: {:?}",
+                        *took < PROMPT + p.control,
+                        "{context}: well-behaved request {i} of {} took {took:?} (the control \
+                         server {:?}); all (gateway, control), in ms: {:?}",
                         results.len(),
-                        results
-                            .iter()
-                            .map(|r| r.as_ref().map(Duration::as_millis))
-                            .collect::<Vec<_>>()
+                        p.control,
+                        all()
                     );
                     slowest = slowest.max(*took);
                 }
@@ -274,6 +314,46 @@ impl Prober {
         }
         slowest
     }
+}
+
+/// A trivial HTTP server on its own thread: reads a request head and answers 200
+/// with the two-byte body, then closes. The control beside the gateway in [`Prober`].
+fn control_server() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("control listener");
+    let addr = listener.local_addr().expect("control address");
+    listener.set_nonblocking(true).expect("nonblocking");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("control runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("control");
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(async move {
+                    let mut bytes = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    // Head and the two-byte body.
+                    while !bytes.ends_with(b"{}") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = stream
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+                        )
+                        .await;
+                });
+            }
+        });
+    });
+    addr
 }
 
 async fn probe(addr: SocketAddr, from: IpAddr, request: &[u8]) -> Result<Duration, String> {
