@@ -68,22 +68,43 @@ impl Drop for AddressSlot {
     }
 }
 
-/// A stream that counts its reads and writes, so an idle connection can be told from
-/// a busy one without a clock read per I/O.
+/// What a connection's stream counts: every read and write (so an idle connection can
+/// be told from a busy one without a clock read per I/O), and reads alone (so a
+/// request that arrived without a read of its own, one already buffered behind the
+/// previous one, can be told from the others).
+#[derive(Debug, Default)]
+pub struct IoCounts {
+    activity: AtomicU64,
+    reads: AtomicU64,
+    /// `reads` when the last request started, plus one (0: no request yet).
+    seen: AtomicU64,
+}
+
+impl IoCounts {
+    /// Called as a request starts: true when no read happened since the previous
+    /// request on this connection started, i.e. this one was already buffered
+    /// (HTTP/1 pipelining, or several HTTP/2 streams in one read).
+    pub fn buffered_request(&self) -> bool {
+        let now = self.reads.load(Ordering::Relaxed) + 1;
+        self.seen.swap(now, Ordering::Relaxed) == now
+    }
+}
+
+/// A stream that keeps [`IoCounts`].
 pub struct ActivityIo<T> {
     inner: T,
-    activity: Arc<AtomicU64>,
+    counts: Arc<IoCounts>,
 }
 
 impl<T> ActivityIo<T> {
-    pub fn new(inner: T) -> (ActivityIo<T>, Arc<AtomicU64>) {
-        let activity = Arc::new(AtomicU64::new(0));
+    pub fn new(inner: T) -> (ActivityIo<T>, Arc<IoCounts>) {
+        let counts = Arc::new(IoCounts::default());
         (
             ActivityIo {
                 inner,
-                activity: activity.clone(),
+                counts: counts.clone(),
             },
-            activity,
+            counts,
         )
     }
 }
@@ -97,7 +118,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if r.is_ready() {
-            this.activity.fetch_add(1, Ordering::Relaxed);
+            this.counts.activity.fetch_add(1, Ordering::Relaxed);
+            this.counts.reads.fetch_add(1, Ordering::Relaxed);
         }
         r
     }
@@ -112,7 +134,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         if r.is_ready() {
-            this.activity.fetch_add(1, Ordering::Relaxed);
+            this.counts.activity.fetch_add(1, Ordering::Relaxed);
         }
         r
     }
@@ -125,7 +147,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if r.is_ready() {
-            this.activity.fetch_add(1, Ordering::Relaxed);
+            this.counts.activity.fetch_add(1, Ordering::Relaxed);
         }
         r
     }
@@ -151,7 +173,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
 pub async fn drive<C, E>(
     conn: C,
     graceful: fn(Pin<&mut C>),
-    activity: Arc<AtomicU64>,
+    counts: Arc<IoCounts>,
     idle: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), E>
@@ -160,7 +182,7 @@ where
 {
     let mut conn = std::pin::pin!(conn);
     let tick = (idle / 4).max(Duration::from_millis(10));
-    let mut last = activity.load(Ordering::Relaxed);
+    let mut last = counts.activity.load(Ordering::Relaxed);
     let mut quiet = Duration::ZERO;
     let mut closing = *shutdown.borrow();
     if closing {
@@ -174,7 +196,7 @@ where
                 graceful(conn.as_mut());
             }
             _ = tokio::time::sleep(tick), if !closing => {
-                let now = activity.load(Ordering::Relaxed);
+                let now = counts.activity.load(Ordering::Relaxed);
                 if now == last {
                     quiet += tick;
                     if quiet >= idle {

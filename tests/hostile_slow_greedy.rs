@@ -25,6 +25,9 @@ use tokio::sync::Mutex;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
+/// The `campaigns` API, which `mallory` is not granted.
+const CAMPAIGNS: &str = "/campaignapi/resources/v3/campaigncontents/4711";
+
 /// A gateway with two users granted `events`: `mallory` attacks from `127.0.0.1`,
 /// `alice` is the well-behaved client on [`OTHER_ADDRESS`].
 struct Arena {
@@ -662,8 +665,9 @@ async fn h2_rapid_reset_of_1000_streams_is_cut_off() {
         let started = Instant::now();
         let mut outcomes = Vec::new();
         // For a second and until the well-behaved client made 20 requests.
+        // (30 s is a backstop: the prober's count then fails the test.)
         while (started.elapsed() < Duration::from_secs(1) || probes.load(Ordering::Relaxed) < 20)
-            && outcomes.len() < 1000
+            && started.elapsed() < Duration::from_secs(30)
         {
             let sent = Instant::now();
             let (got, closed) = h2_exchange(addr, flood.clone(), Duration::from_secs(5)).await;
@@ -776,4 +780,84 @@ async fn h2_request_ok(addr: SocketAddr, token: &str) {
     assert!(took < AFTER_ATTACK, "h2 request took {took:?}");
     drop(client);
     driver.abort();
+}
+
+/// Writes `n` copies of `request` at once on one connection from `127.0.0.1` (while
+/// the answers are read) and returns the answers' statuses.
+async fn pipeline_flood(addr: SocketAddr, request: Bytes, n: usize) -> Vec<u16> {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut read, mut write) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let mut all = Vec::with_capacity(request.len() * n);
+        for _ in 0..n {
+            all.extend_from_slice(&request);
+        }
+        let _ = write.write_all(&all).await;
+        write
+    });
+    let mut bytes = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut statuses = Vec::with_capacity(n);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while statuses.len() < n {
+        let got = tokio::time::timeout_at(deadline, read.read(&mut buf))
+            .await
+            .expect("every answer within 30 s")
+            .expect("read");
+        assert!(got > 0, "closed after {} of {n} answers", statuses.len());
+        bytes.extend_from_slice(&buf[..got]);
+        let mut used = 0;
+        while let Some((resp, len)) = parse_response(&bytes[used..], false) {
+            statuses.push(resp.status.as_u16());
+            used += len;
+        }
+        bytes.drain(..used);
+    }
+    drop(writer.await.expect("writer"));
+    statuses
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_pipelining_does_not_starve_other_clients() {
+    // 10 connections each write 1,000 requests at once (refused 403 by the gateway,
+    // so every one is answered from the buffer without waiting on anything): a
+    // connection with requests already buffered must not keep its worker from the
+    // other connections' I/O.
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let arena = Arena::new(|b| b).await;
+    let prober = arena.prober();
+    let request = Bytes::from(format!(
+        "GET {CAMPAIGNS} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {}\r\n\r\n",
+        arena.mallory
+    ));
+    let addr = arena.gateway.addr;
+    let probes = prober.counter();
+    let statuses = on_own_thread(async move {
+        let mut statuses = Vec::new();
+        // Rounds of 10 x 1,000, until the well-behaved client made 20 requests.
+        while statuses.is_empty() || probes.load(Ordering::Relaxed) < 20 {
+            let round: Vec<_> = (0..10)
+                .map(|_| tokio::spawn(pipeline_flood(addr, request.clone(), 1000)))
+                .collect();
+            for r in round {
+                statuses.extend(r.await.expect("flood connection"));
+            }
+        }
+        statuses
+    })
+    .await;
+    assert!(
+        statuses.iter().all(|s| *s == 403),
+        "not all refused 403: {:?}",
+        statuses.iter().find(|s| **s != 403)
+    );
+    assert!(
+        arena.mallorys_requests().is_empty(),
+        "a pipelined request reached the backend"
+    );
+    let slowest = prober.finish(20, "deep pipelining");
+    eprintln!(
+        "deep pipelining: {} requests refused; slowest well-behaved answer {slowest:?}",
+        statuses.len()
+    );
 }

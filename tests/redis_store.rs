@@ -588,11 +588,21 @@ async fn with_redis_down_cached_keys_work_unknown_get_503_deadlines_hold_then_it
     let gw = start_gateway(&settings).await;
     let metrics = &gw.gate.metrics;
     assert_eq!(status(&gw, EVENTS, &key1).await, 200);
+    let announced = metrics.invalidations.get();
     let deleted = store
         .delete_key("alice", 2, Revocation::Grace(Duration::from_millis(1500)))
         .await
         .expect("delete key 2 with grace");
     let deadline = deleted.expires_ms.expect("deadline");
+    // The deletion's announcement drops key 2's entries when it arrives: wait for it,
+    // so that what is cached below (with the deadline) is what stays while Redis is
+    // down. (Had it come after, the gateway would know nothing of key 2 and answer
+    // 503, which is safe but not what this test pins.)
+    wait_until(Duration::from_secs(5), || async {
+        metrics.invalidations.get() > announced
+    })
+    .await
+    .expect("the deletion announced");
     assert_eq!(status(&gw, EVENTS, &key2).await, 200, "in grace");
     assert!(unix_ms() < deadline, "test too slow to see key 2 in grace");
 

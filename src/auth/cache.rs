@@ -490,8 +490,8 @@ impl Authenticator {
 
     /// Applies an invalidation from the store. The generation is bumped first, so every
     /// copy loaded before this instant, wherever it is, stops being served.
+    /// Counted once applied, so a test that waits for the count sees its effect.
     pub async fn invalidate(&self, what: &Invalidation) {
-        self.metrics.invalidations.inc();
         match what {
             Invalidation::Key(hash) => {
                 self.stripes[key_stripe(hash)].fetch_add(1, Ordering::AcqRel);
@@ -507,6 +507,7 @@ impl Authenticator {
             }
             Invalidation::All => self.flush_all("invalidate all"),
         }
+        self.metrics.invalidations.inc();
     }
 
     /// Drops every cached answer, positive, negative and stale.
