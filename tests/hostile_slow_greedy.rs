@@ -452,7 +452,8 @@ async fn ten_thousand_idle_connections_are_cut_by_address_limit_and_idle_timeout
         .build();
     let alice = env.create_api_user("alice", &["events"]);
     let server = env.spawn_serve();
-    let prober = Prober::start(server.addr, OTHER_ADDRESS, &alice);
+    let prober =
+        Prober::start_watching(server.addr, OTHER_ADDRESS, &alice, Some(server.child.id()));
     let started = Instant::now();
     let flood = tokio::spawn(on_own_thread(idle_flood(
         server.addr,
