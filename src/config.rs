@@ -88,6 +88,19 @@ pub struct StoreConfig {
     pub url: String,
     pub prefix: String,
     pub timeout: Duration,
+    pub tls: StoreTls,
+}
+
+/// The files a `rediss://` store trusts and presents. Unset: the system's trust store
+/// and no client certificate. Checked (read, PEM parsed) at config load.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreTls {
+    /// `[store] tls_ca_file`: PEM CA certificates that replace the system's trust store.
+    pub ca_file: Option<PathBuf>,
+    /// `[store] tls_client_cert_file`: PEM chain presented to Redis (mutual TLS).
+    pub client_cert_file: Option<PathBuf>,
+    /// `[store] tls_client_key_file`: the PEM private key of that chain.
+    pub client_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -225,6 +238,9 @@ const SCHEMA: &[(&str, &str, Kind, Option<&str>)] = &[
     ),
     ("store", "prefix", Kind::Str, Some("cg:")),
     ("store", "timeout", Kind::Duration, Some("1s")),
+    ("store", "tls_ca_file", Kind::Str, None),
+    ("store", "tls_client_cert_file", Kind::Str, None),
+    ("store", "tls_client_key_file", Kind::Str, None),
     ("auth", "deleted_key_grace", Kind::Duration, Some("5m")),
     ("auth", "cache_ttl", Kind::Duration, Some("60s")),
     ("auth", "negative_cache_ttl", Kind::Duration, Some("5s")),
@@ -619,6 +635,19 @@ fn build(
     } else if store_url == "file:" {
         errors.push(err("store.url", "file: needs a path"));
     }
+    let store_tls = StoreTls {
+        ca_file: opt_string("store", "tls_ca_file").map(PathBuf::from),
+        client_cert_file: opt_string("store", "tls_client_cert_file").map(PathBuf::from),
+        client_key_file: opt_string("store", "tls_client_key_file").map(PathBuf::from),
+    };
+    if store_url.starts_with("redis://") || store_url.starts_with("rediss://") {
+        // Built here only to be checked: the URL, and the TLS files read and parsed.
+        if let Err(e) = crate::store::redis::client(&store_url, &store_tls) {
+            errors.extend(e);
+        }
+    } else {
+        errors.extend(crate::store::redis::tls_unused(&store_tls));
+    }
 
     let identity_prefix = string("upstream", "identity_prefix").to_ascii_lowercase();
     if identity_prefix.is_empty()
@@ -741,6 +770,7 @@ fn build(
             url: store_url,
             prefix: string("store", "prefix"),
             timeout: store_timeout,
+            tls: store_tls,
         },
         auth,
         routes: RoutesConfig {
