@@ -917,6 +917,111 @@ routes = ["GET /b"]
         assert!(keys(&e).contains(&"apis[1].name"), "{e}");
     }
 
+    /// The reason reported for `key`, if any.
+    fn reason<'a>(e: &'a ConfigErrors, key: &str) -> Option<&'a str> {
+        e.0.iter().find(|e| e.key == key).map(|e| e.reason.as_str())
+    }
+
+    #[test]
+    fn store_tls_files_are_read_and_checked_at_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["redis.internal".into()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("certificate");
+        let other_key = rcgen::KeyPair::generate().expect("key");
+        for (name, content) in [
+            ("ca.pem", cert.pem()),
+            ("client.key", key.serialize_pem()),
+            ("other.key", other_key.serialize_pem()),
+            ("garbage.pem", "not a certificate\n".to_string()),
+        ] {
+            std::fs::write(dir.path().join(name), content).expect("write");
+        }
+        let store = |url: &str, files: &[(&str, String)]| {
+            let mut text = format!("[store]\nurl = {url:?}\n");
+            for (key, file) in files {
+                text.push_str(&format!("{key} = {file:?}\n"));
+            }
+            text
+        };
+        let rediss = "rediss://127.0.0.1:6380/0";
+
+        let c = Config::parse(
+            &store(
+                rediss,
+                &[
+                    ("tls_ca_file", path("ca.pem")),
+                    ("tls_client_cert_file", path("ca.pem")),
+                    ("tls_client_key_file", path("client.key")),
+                ],
+            ),
+            no_env(),
+        )
+        .expect("valid");
+        assert_eq!(c.store.tls.ca_file, Some(PathBuf::from(path("ca.pem"))));
+
+        let e = Config::parse(
+            &store(
+                rediss,
+                &[
+                    ("tls_ca_file", path("missing.pem")),
+                    ("tls_client_cert_file", path("ca.pem")),
+                    ("tls_client_key_file", path("other.key")),
+                ],
+            ),
+            no_env(),
+        )
+        .expect_err("must fail");
+        assert_eq!(
+            keys(&e),
+            vec!["store.tls_ca_file", "store.tls_client_key_file"],
+            "{e}"
+        );
+        assert!(
+            reason(&e, "store.tls_ca_file").is_some_and(|r| r.contains("cannot read")),
+            "{e}"
+        );
+        assert!(
+            reason(&e, "store.tls_client_key_file").is_some_and(|r| r.contains("not usable")),
+            "{e}"
+        );
+
+        // A CA file without a certificate (garbage, or a key), a key without its
+        // certificate; the same key set through the environment.
+        for ca in ["garbage.pem", "client.key"] {
+            let e = Config::parse(
+                &store(rediss, &[("tls_ca_file", path(ca))]),
+                vec![(
+                    "CAMPAIGN_GATE_STORE_TLS_CLIENT_KEY_FILE".to_string(),
+                    path("client.key"),
+                )],
+            )
+            .expect_err("must fail");
+            assert_eq!(
+                keys(&e),
+                vec!["store.tls_ca_file", "store.tls_client_cert_file"],
+                "{e}"
+            );
+            assert!(
+                reason(&e, "store.tls_ca_file").is_some_and(|r| r.contains("no PEM certificate")),
+                "{e}"
+            );
+        }
+
+        // TLS files where there is no TLS; verification turned off.
+        for url in ["redis://127.0.0.1:6379/0", "file:./s.json"] {
+            let e = Config::parse(&store(url, &[("tls_ca_file", path("ca.pem"))]), no_env())
+                .expect_err("must fail");
+            assert_eq!(keys(&e), vec!["store.tls_ca_file"], "{e}");
+        }
+        let e = Config::parse(&store(&format!("{rediss}#insecure"), &[]), no_env())
+            .expect_err("must fail");
+        assert_eq!(keys(&e), vec!["store.url"], "{e}");
+    }
+
     #[test]
     fn upstream_must_be_plain_http() {
         let e = Config::parse("[upstream]\nurl = \"https://x:1/p\"", no_env()).expect_err("fail");

@@ -40,19 +40,19 @@ use arc_swap::ArcSwapOption;
 use futures_util::StreamExt as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
 use redis::{
-    ClientTlsConfig, ConnectionAddr, IntoConnectionInfo as _, RedisError, Script,
-    TlsCertificates, Value,
+    ClientTlsConfig, ConnectionAddr, IntoConnectionInfo as _, RedisError, Script, TlsCertificates,
+    Value,
 };
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
 use super::records::{self, UserRecords};
-use crate::config::{ConfigError, StoreTls};
 use super::{
     AccessToken, Invalidation, KeyUse, NewUser, Resolved, Revocation, SecretKey, StoreError,
     TokenHash, User, UserType,
 };
+use crate::config::{ConfigError, StoreTls};
 
 /// Shared by every script: key names, Redis' clock, key entries, pruning, announcing.
 /// `ARGV[1]` is always the prefix.
@@ -475,7 +475,10 @@ impl RedisStore {
             let reasons: Vec<String> = errors.iter().map(ToString::to_string).collect();
             StoreError::Unavailable(reasons.join("; "))
         })?;
-        if matches!(client.get_connection_info().addr, ConnectionAddr::TcpTls { .. }) {
+        if matches!(
+            client.get_connection_info().addr,
+            ConnectionAddr::TcpTls { .. }
+        ) {
             install_crypto_provider();
         }
         Ok(RedisStore {
@@ -1035,10 +1038,12 @@ fn tls_certificates(tls: &StoreTls) -> Result<Option<TlsCertificates>, Vec<Confi
     if !errors.is_empty() {
         return Err(errors);
     }
-    Ok((root_cert.is_some() || client_tls.is_some()).then_some(TlsCertificates {
-        client_tls,
-        root_cert,
-    }))
+    Ok(
+        (root_cert.is_some() || client_tls.is_some()).then_some(TlsCertificates {
+            client_tls,
+            root_cert,
+        }),
+    )
 }
 
 /// `[store] tls_ca_file`: at least one certificate, each usable as a trust anchor.
@@ -1382,7 +1387,10 @@ mod tests {
         ) else {
             panic!("#insecure must be refused");
         };
-        assert!(msg.contains("store.url") && msg.contains("#insecure"), "{msg}");
+        assert!(
+            msg.contains("store.url") && msg.contains("#insecure"),
+            "{msg}"
+        );
     }
 
     #[test]
