@@ -88,6 +88,19 @@ pub struct StoreConfig {
     pub url: String,
     pub prefix: String,
     pub timeout: Duration,
+    pub tls: StoreTls,
+}
+
+/// The files a `rediss://` store trusts and presents. Unset: the system's trust store
+/// and no client certificate. Checked (read, PEM parsed) at config load.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreTls {
+    /// `[store] tls_ca_file`: PEM CA certificates that replace the system's trust store.
+    pub ca_file: Option<PathBuf>,
+    /// `[store] tls_client_cert_file`: PEM chain presented to Redis (mutual TLS).
+    pub client_cert_file: Option<PathBuf>,
+    /// `[store] tls_client_key_file`: the PEM private key of that chain.
+    pub client_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -225,6 +238,9 @@ const SCHEMA: &[(&str, &str, Kind, Option<&str>)] = &[
     ),
     ("store", "prefix", Kind::Str, Some("cg:")),
     ("store", "timeout", Kind::Duration, Some("1s")),
+    ("store", "tls_ca_file", Kind::Str, None),
+    ("store", "tls_client_cert_file", Kind::Str, None),
+    ("store", "tls_client_key_file", Kind::Str, None),
     ("auth", "deleted_key_grace", Kind::Duration, Some("5m")),
     ("auth", "cache_ttl", Kind::Duration, Some("60s")),
     ("auth", "negative_cache_ttl", Kind::Duration, Some("5s")),
@@ -619,6 +635,19 @@ fn build(
     } else if store_url == "file:" {
         errors.push(err("store.url", "file: needs a path"));
     }
+    let store_tls = StoreTls {
+        ca_file: opt_string("store", "tls_ca_file").map(PathBuf::from),
+        client_cert_file: opt_string("store", "tls_client_cert_file").map(PathBuf::from),
+        client_key_file: opt_string("store", "tls_client_key_file").map(PathBuf::from),
+    };
+    if store_url.starts_with("redis://") || store_url.starts_with("rediss://") {
+        // Built here only to be checked: the URL, and the TLS files read and parsed.
+        if let Err(e) = crate::store::redis::client(&store_url, &store_tls) {
+            errors.extend(e);
+        }
+    } else {
+        errors.extend(crate::store::redis::tls_unused(&store_tls));
+    }
 
     let identity_prefix = string("upstream", "identity_prefix").to_ascii_lowercase();
     if identity_prefix.is_empty()
@@ -741,6 +770,7 @@ fn build(
             url: store_url,
             prefix: string("store", "prefix"),
             timeout: store_timeout,
+            tls: store_tls,
         },
         auth,
         routes: RoutesConfig {
@@ -885,6 +915,111 @@ routes = ["GET /b"]
         let e = Config::parse(text, no_env()).expect_err("must fail");
         assert!(keys(&e).contains(&"apis[0].colour"), "{e}");
         assert!(keys(&e).contains(&"apis[1].name"), "{e}");
+    }
+
+    /// The reason reported for `key`, if any.
+    fn reason<'a>(e: &'a ConfigErrors, key: &str) -> Option<&'a str> {
+        e.0.iter().find(|e| e.key == key).map(|e| e.reason.as_str())
+    }
+
+    #[test]
+    fn store_tls_files_are_read_and_checked_at_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["redis.internal".into()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("certificate");
+        let other_key = rcgen::KeyPair::generate().expect("key");
+        for (name, content) in [
+            ("ca.pem", cert.pem()),
+            ("client.key", key.serialize_pem()),
+            ("other.key", other_key.serialize_pem()),
+            ("garbage.pem", "not a certificate\n".to_string()),
+        ] {
+            std::fs::write(dir.path().join(name), content).expect("write");
+        }
+        let store = |url: &str, files: &[(&str, String)]| {
+            let mut text = format!("[store]\nurl = {url:?}\n");
+            for (key, file) in files {
+                text.push_str(&format!("{key} = {file:?}\n"));
+            }
+            text
+        };
+        let rediss = "rediss://127.0.0.1:6380/0";
+
+        let c = Config::parse(
+            &store(
+                rediss,
+                &[
+                    ("tls_ca_file", path("ca.pem")),
+                    ("tls_client_cert_file", path("ca.pem")),
+                    ("tls_client_key_file", path("client.key")),
+                ],
+            ),
+            no_env(),
+        )
+        .expect("valid");
+        assert_eq!(c.store.tls.ca_file, Some(PathBuf::from(path("ca.pem"))));
+
+        let e = Config::parse(
+            &store(
+                rediss,
+                &[
+                    ("tls_ca_file", path("missing.pem")),
+                    ("tls_client_cert_file", path("ca.pem")),
+                    ("tls_client_key_file", path("other.key")),
+                ],
+            ),
+            no_env(),
+        )
+        .expect_err("must fail");
+        assert_eq!(
+            keys(&e),
+            vec!["store.tls_ca_file", "store.tls_client_key_file"],
+            "{e}"
+        );
+        assert!(
+            reason(&e, "store.tls_ca_file").is_some_and(|r| r.contains("cannot read")),
+            "{e}"
+        );
+        assert!(
+            reason(&e, "store.tls_client_key_file").is_some_and(|r| r.contains("not usable")),
+            "{e}"
+        );
+
+        // A CA file without a certificate (garbage, or a key), a key without its
+        // certificate; the same key set through the environment.
+        for ca in ["garbage.pem", "client.key"] {
+            let e = Config::parse(
+                &store(rediss, &[("tls_ca_file", path(ca))]),
+                vec![(
+                    "CAMPAIGN_GATE_STORE_TLS_CLIENT_KEY_FILE".to_string(),
+                    path("client.key"),
+                )],
+            )
+            .expect_err("must fail");
+            assert_eq!(
+                keys(&e),
+                vec!["store.tls_ca_file", "store.tls_client_cert_file"],
+                "{e}"
+            );
+            assert!(
+                reason(&e, "store.tls_ca_file").is_some_and(|r| r.contains("no PEM certificate")),
+                "{e}"
+            );
+        }
+
+        // TLS files where there is no TLS; verification turned off.
+        for url in ["redis://127.0.0.1:6379/0", "file:./s.json"] {
+            let e = Config::parse(&store(url, &[("tls_ca_file", path("ca.pem"))]), no_env())
+                .expect_err("must fail");
+            assert_eq!(keys(&e), vec!["store.tls_ca_file"], "{e}");
+        }
+        let e = Config::parse(&store(&format!("{rediss}#insecure"), &[]), no_env())
+            .expect_err("must fail");
+        assert_eq!(keys(&e), vec!["store.url"], "{e}");
     }
 
     #[test]

@@ -60,12 +60,7 @@ impl Gateway {
     /// Opens the store, binds both listeners and starts serving.
     pub async fn start(config: Config) -> Result<Gateway, BoxError> {
         let metrics = Arc::new(Metrics::default());
-        let store = Store::open(
-            &config.store.url,
-            &config.store.prefix,
-            config.store.timeout,
-        )
-        .await?;
+        let store = Store::from_config(&config.store).await?;
         let auth = Authenticator::new(
             store.clone(),
             &config.auth,

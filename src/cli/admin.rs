@@ -365,8 +365,7 @@ fn with_store(
         .build()
         .map_err(|e| Failure::msg(format!("cannot start the async runtime: {e}")))?;
     runtime.block_on(async {
-        let s = &config.store;
-        let store = Store::open(&s.url, &s.prefix, s.timeout).await?;
+        let store = Store::from_config(&config.store).await?;
         command(&store).await
     })
 }

@@ -14,6 +14,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::config::{StoreConfig, StoreTls};
+
 /// SHA-256 of a whole bearer token string: the only form in which a secret is stored.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TokenHash(pub [u8; 32]);
@@ -243,19 +245,36 @@ pub enum Store {
 }
 
 impl Store {
-    /// Opens the store named by a `[store] url`.
-    pub async fn open(url: &str, prefix: &str, timeout: Duration) -> Result<Store, StoreError> {
+    /// Opens the store of a `[store]` section. Connecting to Redis waits for the first
+    /// call.
+    pub async fn from_config(config: &StoreConfig) -> Result<Store, StoreError> {
+        let url = config.url.as_str();
         if let Some(path) = url.strip_prefix("file:") {
             return Ok(Store::File(Arc::new(file::FileStore::open(path.as_ref())?)));
         }
         if url.starts_with("redis://") || url.starts_with("rediss://") {
             return Ok(Store::Redis(Arc::new(redis::RedisStore::open(
-                url, prefix, timeout,
+                url,
+                &config.prefix,
+                config.timeout,
+                &config.tls,
             )?)));
         }
         Err(StoreError::Unavailable(format!(
             "unsupported store url {url:?}"
         )))
+    }
+
+    /// Opens the store named by a `[store] url`, with no TLS files (`rediss://` trusts
+    /// the system's trust store).
+    pub async fn open(url: &str, prefix: &str, timeout: Duration) -> Result<Store, StoreError> {
+        Store::from_config(&StoreConfig {
+            url: url.to_string(),
+            prefix: prefix.to_string(),
+            timeout,
+            tls: StoreTls::default(),
+        })
+        .await
     }
 
     /// Resolves a token hash to its user and key: `None` for an unknown token, a key past

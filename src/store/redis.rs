@@ -25,16 +25,26 @@
 //! Every call runs under `[store] timeout`. Commands share one [`ConnectionManager`]
 //! (reconnects on I/O errors); a call that times out also drops it, so a half-open
 //! connection is replaced instead of timing out forever.
+//!
+//! `rediss://` runs both connections (commands, pub/sub) over TLS (rustls with ring),
+//! always verifying the server's certificate: against `[store] tls_ca_file` when set,
+//! else the system's trust store. `#insecure` (no verification) is refused.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use futures_util::StreamExt as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
-use redis::{RedisError, Script, Value};
+use redis::{
+    ClientTlsConfig, ConnectionAddr, IntoConnectionInfo as _, RedisError, Script, TlsCertificates,
+    Value,
+};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
 use super::records::{self, UserRecords};
@@ -42,6 +52,7 @@ use super::{
     AccessToken, Invalidation, KeyUse, NewUser, Resolved, Revocation, SecretKey, StoreError,
     TokenHash, User, UserType,
 };
+use crate::config::{ConfigError, StoreTls};
 
 /// Shared by every script: key names, Redis' clock, key entries, pruning, announcing.
 /// `ARGV[1]` is always the prefix.
@@ -452,18 +463,24 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    /// Checks the URL; connecting waits for the first call. `rediss://` is refused: this
-    /// build has no TLS support for Redis.
-    pub fn open(url: &str, prefix: &str, timeout: Duration) -> Result<RedisStore, StoreError> {
-        if url.starts_with("rediss://") {
-            return Err(StoreError::Unavailable(
-                "rediss:// (Redis over TLS) is not supported by this build; use redis:// \
-                 (e.g. through a local TLS tunnel)"
-                    .into(),
-            ));
+    /// Checks the URL and reads the TLS files ([`client`]); connecting waits for the
+    /// first call.
+    pub fn open(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+        tls: &StoreTls,
+    ) -> Result<RedisStore, StoreError> {
+        let client = client(url, tls).map_err(|errors| {
+            let reasons: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            StoreError::Unavailable(reasons.join("; "))
+        })?;
+        if matches!(
+            client.get_connection_info().addr,
+            ConnectionAddr::TcpTls { .. }
+        ) {
+            install_crypto_provider();
         }
-        let client = redis::Client::open(url)
-            .map_err(|e| StoreError::Unavailable(format!("invalid store url: {e}")))?;
         Ok(RedisStore {
             client,
             prefix: prefix.to_string(),
@@ -934,6 +951,196 @@ impl RedisStore {
     }
 }
 
+/// The client of a `[store] url` and its TLS files: the URL parsed and, for
+/// `rediss://`, `#insecure` refused and every file read and parsed as the connections
+/// will use it, so that `config check` reports a bad setting under its key instead of
+/// the first connect failing. Reads the files; no network.
+pub fn client(url: &str, tls: &StoreTls) -> Result<redis::Client, Vec<ConfigError>> {
+    let info = url
+        .into_connection_info()
+        .map_err(|e| vec![config_error("store.url", format!("invalid Redis URL: {e}"))])?;
+    let certificates = match info.addr {
+        ConnectionAddr::TcpTls { insecure: true, .. } => {
+            return Err(vec![config_error(
+                "store.url",
+                "#insecure (no certificate verification) is not supported; trust the \
+                 server's CA with store.tls_ca_file instead"
+                    .into(),
+            )]);
+        }
+        ConnectionAddr::TcpTls { .. } => tls_certificates(tls)?,
+        _ => {
+            let unused = tls_unused(tls);
+            if !unused.is_empty() {
+                return Err(unused);
+            }
+            None
+        }
+    };
+    match certificates {
+        Some(c) => redis::Client::build_with_tls(info, c),
+        None => redis::Client::open(info),
+    }
+    .map_err(|e| vec![config_error("store.url", format!("invalid Redis URL: {e}"))])
+}
+
+/// One error per TLS file set for a store that is not `rediss://`: a file that would
+/// be ignored means the operator believes in a TLS that is not there.
+pub fn tls_unused(tls: &StoreTls) -> Vec<ConfigError> {
+    [
+        ("store.tls_ca_file", &tls.ca_file),
+        ("store.tls_client_cert_file", &tls.client_cert_file),
+        ("store.tls_client_key_file", &tls.client_key_file),
+    ]
+    .into_iter()
+    .filter(|(_, path)| path.is_some())
+    .map(|(key, _)| config_error(key, "only used with a rediss:// store.url".into()))
+    .collect()
+}
+
+/// The CA and client identity for the redis crate, as the PEM bytes it parses itself,
+/// after parsing them here the same way; `None` when no file is set (system trust
+/// store, no client certificate).
+fn tls_certificates(tls: &StoreTls) -> Result<Option<TlsCertificates>, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let root_cert = match tls.ca_file.as_deref().map(read_ca) {
+        Some(Err(reason)) => {
+            errors.push(config_error("store.tls_ca_file", reason));
+            None
+        }
+        Some(Ok(pem)) => Some(pem),
+        None => None,
+    };
+    let client_tls = match (&tls.client_cert_file, &tls.client_key_file) {
+        (None, None) => None,
+        (Some(_), None) => {
+            errors.push(config_error(
+                "store.tls_client_key_file",
+                "missing: store.tls_client_cert_file is set and needs its key".into(),
+            ));
+            None
+        }
+        (None, Some(_)) => {
+            errors.push(config_error(
+                "store.tls_client_cert_file",
+                "missing: store.tls_client_key_file is set and needs its certificate".into(),
+            ));
+            None
+        }
+        (Some(cert), Some(key)) => match read_identity(cert, key) {
+            Ok(identity) => Some(identity),
+            Err(mut e) => {
+                errors.append(&mut e);
+                None
+            }
+        },
+    };
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(
+        (root_cert.is_some() || client_tls.is_some()).then_some(TlsCertificates {
+            client_tls,
+            root_cert,
+        }),
+    )
+}
+
+/// `[store] tls_ca_file`: at least one certificate, each usable as a trust anchor.
+fn read_ca(path: &Path) -> Result<Vec<u8>, String> {
+    let pem = read(path)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for (i, cert) in CertificateDer::pem_slice_iter(&pem).enumerate() {
+        let cert = cert.map_err(|e| format!("{}: bad PEM: {e}", path.display()))?;
+        roots.add(cert).map_err(|e| {
+            format!(
+                "{}: certificate {} is not usable as a CA: {e}",
+                path.display(),
+                i + 1
+            )
+        })?;
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "{}: no PEM certificate (BEGIN CERTIFICATE) in the file",
+            path.display()
+        ));
+    }
+    Ok(pem)
+}
+
+/// `[store] tls_client_cert_file` and `tls_client_key_file`: a chain and the private
+/// key of its first certificate.
+fn read_identity(cert: &Path, key: &Path) -> Result<ClientTlsConfig, Vec<ConfigError>> {
+    let chain = read(cert).and_then(|pem| {
+        let chain = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{}: bad PEM: {e}", cert.display()))?;
+        if chain.is_empty() {
+            return Err(format!(
+                "{}: no PEM certificate (BEGIN CERTIFICATE) in the file",
+                cert.display()
+            ));
+        }
+        Ok((pem, chain))
+    });
+    let private_key = read(key).and_then(|pem| {
+        let der = PrivateKeyDer::from_pem_slice(&pem)
+            .map_err(|e| format!("{}: no usable PEM private key: {e}", key.display()))?;
+        Ok((pem, der))
+    });
+    let ((cert_pem, chain), (key_pem, der)) = match (chain, private_key) {
+        (Ok(c), Ok(k)) => (c, k),
+        (c, k) => {
+            let mut errors = Vec::new();
+            if let Err(reason) = c {
+                errors.push(config_error("store.tls_client_cert_file", reason));
+            }
+            if let Err(reason) = k {
+                errors.push(config_error("store.tls_client_key_file", reason));
+            }
+            return Err(errors);
+        }
+    };
+    let unusable = |e: rustls::Error| {
+        vec![config_error(
+            "store.tls_client_key_file",
+            format!(
+                "{}: not usable with the certificate of store.tls_client_cert_file: {e}",
+                key.display()
+            ),
+        )]
+    };
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(unusable)?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_client_auth_cert(chain, der)
+        .map_err(unusable)?;
+    Ok(ClientTlsConfig {
+        client_cert: cert_pem,
+        client_key: key_pem,
+    })
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))
+}
+
+fn config_error(key: &str, reason: String) -> ConfigError {
+    ConfigError {
+        key: key.to_string(),
+        reason,
+    }
+}
+
+/// The redis crate builds its rustls configs on the process-wide default provider:
+/// make that ring, the provider of our own TLS, before the first connect. One that
+/// the process installed earlier stays.
+fn install_crypto_provider() {
+    let _already_installed = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Whether a call may be repeated after a broken connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Call {
@@ -1163,13 +1370,27 @@ mod tests {
     }
 
     #[test]
-    fn rediss_is_refused_with_a_reason() {
-        let Err(StoreError::Unavailable(msg)) =
-            RedisStore::open("rediss://127.0.0.1:6380/0", "cg:", Duration::from_secs(1))
-        else {
-            panic!("rediss:// must be refused");
+    fn rediss_opens_and_insecure_is_refused() {
+        let no_files = StoreTls::default();
+        let store = RedisStore::open(
+            "rediss://127.0.0.1:6380/0",
+            "cg:",
+            Duration::from_secs(1),
+            &no_files,
+        );
+        assert!(store.is_ok(), "rediss:// must open");
+        let Err(StoreError::Unavailable(msg)) = RedisStore::open(
+            "rediss://127.0.0.1:6380/0#insecure",
+            "cg:",
+            Duration::from_secs(1),
+            &no_files,
+        ) else {
+            panic!("#insecure must be refused");
         };
-        assert!(msg.contains("TLS"), "{msg}");
+        assert!(
+            msg.contains("store.url") && msg.contains("#insecure"),
+            "{msg}"
+        );
     }
 
     #[test]

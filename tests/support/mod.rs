@@ -8,4 +8,4 @@
 
 pub mod redis;
 
-pub use self::redis::{GatewaySettings, RedisServer, evalsha_calls, start_gateway};
+pub use self::redis::{GatewaySettings, RedisServer, TestCa, evalsha_calls, start_gateway};

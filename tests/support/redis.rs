@@ -1,19 +1,95 @@
 //! `RedisServer`: a `redis-server` child process on a free `127.0.0.1` port, killed
-//! (by its own pid) when dropped; and gateways whose store is such a server.
+//! (by its own pid) when dropped, plain or TLS-only with a [`TestCa`] of the test's own;
+//! and gateways whose store is such a server.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use campaign_gate::config::Config;
 use campaign_gate::server::Gateway;
 use redis::aio::MultiplexedConnection;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tempfile::TempDir;
 
 /// How long a fresh `redis-server` may take to answer `PING`.
 const STARTUP: Duration = Duration::from_secs(10);
+
+/// A certificate authority made for one test, and a server certificate for `127.0.0.1`
+/// and `localhost` that it signed: PEM files in a directory of its own.
+pub struct TestCa {
+    dir: TempDir,
+}
+
+impl TestCa {
+    pub fn generate() -> TestCa {
+        let dir = tempfile::Builder::new()
+            .prefix("campaign-gate-ca-")
+            .tempdir()
+            .expect("temp dir for the CA");
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "campaign-gate test CA");
+        let ca_key = rcgen::KeyPair::generate().expect("CA key");
+        let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
+        let mut leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+            .expect("server params");
+        leaf.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let leaf_key = rcgen::KeyPair::generate().expect("server key");
+        let leaf_cert = leaf
+            .signed_by(&leaf_key, &ca_cert, &ca_key)
+            .expect("server certificate");
+        for (name, pem) in [
+            ("ca.crt", ca_cert.pem()),
+            ("server.crt", leaf_cert.pem()),
+            ("server.key", leaf_key.serialize_pem()),
+        ] {
+            std::fs::write(dir.path().join(name), pem).expect("write PEM");
+        }
+        TestCa { dir }
+    }
+
+    /// The CA certificate: what a client trusts (`[store] tls_ca_file`).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    /// The certificate signed by the CA, good for a server on 127.0.0.1 and as a
+    /// client certificate.
+    pub fn cert_file(&self) -> PathBuf {
+        self.dir.path().join("server.crt")
+    }
+
+    pub fn key_file(&self) -> PathBuf {
+        self.dir.path().join("server.key")
+    }
+
+    pub fn ca_pem(&self) -> Vec<u8> {
+        std::fs::read(self.ca_file()).expect("read the CA certificate")
+    }
+}
+
+/// What the readiness probe of a TLS-only server needs (the server's files are copied
+/// into its directory, so that it can restart on its own): the CA to trust and, when
+/// Redis requires client certificates, the PEM certificate and key to present.
+#[derive(Clone)]
+struct ServerTls {
+    ca_pem: Vec<u8>,
+    client_identity: Option<(Vec<u8>, Vec<u8>)>,
+}
 
 /// A `redis-server` owned by one test.
 pub struct RedisServer {
@@ -21,25 +97,50 @@ pub struct RedisServer {
     port: u16,
     dir: TempDir,
     persistent: bool,
+    tls: Option<ServerTls>,
 }
 
 impl RedisServer {
     /// A throw-away server: no RDB snapshots, no AOF.
     pub fn start() -> RedisServer {
-        RedisServer::launch(false)
+        RedisServer::launch(false, None)
     }
 
     /// A server that survives a restart: AOF with `appendfsync always` in its own
     /// directory, so a kill loses nothing that was acknowledged.
     pub fn start_persistent() -> RedisServer {
-        RedisServer::launch(true)
+        RedisServer::launch(true, None)
     }
 
-    fn launch(persistent: bool) -> RedisServer {
+    /// A throw-away server that speaks TLS only (no plain port), presenting the
+    /// certificate `ca` signed; with `clients_need_certificates`, clients must present
+    /// one that `ca` signed too. Fails the test (never skips it) when this
+    /// `redis-server` was built without TLS.
+    pub fn start_tls(ca: &TestCa, clients_need_certificates: bool) -> RedisServer {
+        let read = |p: PathBuf| std::fs::read(p).expect("read a PEM file");
+        let tls = ServerTls {
+            ca_pem: ca.ca_pem(),
+            client_identity: clients_need_certificates
+                .then(|| (read(ca.cert_file()), read(ca.key_file()))),
+        };
+        RedisServer::launch(false, Some((tls, ca)))
+    }
+
+    fn launch(persistent: bool, tls: Option<(ServerTls, &TestCa)>) -> RedisServer {
         let mut dir = tempfile::Builder::new()
             .prefix("campaign-gate-redis-")
             .tempdir()
             .expect("temp dir for redis");
+        let tls = tls.map(|(tls, ca)| {
+            for (from, to) in [
+                (ca.ca_file(), "ca.crt"),
+                (ca.cert_file(), "server.crt"),
+                (ca.key_file(), "server.key"),
+            ] {
+                std::fs::copy(from, dir.path().join(to)).expect("copy the TLS files");
+            }
+            tls
+        });
         let mut last_error = String::new();
         // A port found free can be taken by someone else before redis binds it: retry.
         for _ in 0..5 {
@@ -49,6 +150,7 @@ impl RedisServer {
                 port,
                 dir,
                 persistent,
+                tls: tls.clone(),
             };
             match server.spawn() {
                 Ok(()) => return server,
@@ -70,8 +172,30 @@ impl RedisServer {
     /// Starts the process on `self.port` and waits until it answers `PING`.
     fn spawn(&mut self) -> Result<(), String> {
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1"])
+        match &self.tls {
+            None => {
+                cmd.args(["--port", &self.port.to_string()]);
+            }
+            Some(tls) => {
+                let file = |name: &str| self.dir.path().join(name);
+                cmd.args(["--port", "0", "--tls-port", &self.port.to_string()])
+                    .arg("--tls-cert-file")
+                    .arg(file("server.crt"))
+                    .arg("--tls-key-file")
+                    .arg(file("server.key"))
+                    .arg("--tls-ca-cert-file")
+                    .arg(file("ca.crt"))
+                    .args([
+                        "--tls-auth-clients",
+                        if tls.client_identity.is_some() {
+                            "yes"
+                        } else {
+                            "no"
+                        },
+                    ]);
+            }
+        }
+        cmd.args(["--bind", "127.0.0.1"])
             .args(["--daemonize", "no"])
             .args(["--save", ""])
             // `DEBUG SLEEP` is off by default since Redis 7 (needs 7 or later).
@@ -81,7 +205,12 @@ impl RedisServer {
             .args(["--logfile", "redis.log"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            // Errors in the arguments are printed here, before the log file is open.
+            .stderr(
+                std::fs::File::create(self.dir.path().join("stderr.log"))
+                    .map(Stdio::from)
+                    .map_err(|e| format!("create stderr.log: {e}"))?,
+            );
         if self.persistent {
             cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
         } else {
@@ -93,16 +222,26 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + STARTUP;
         loop {
-            if ping(self.port) {
+            if ping(self.port, self.tls.as_ref()) {
                 return Ok(());
             }
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
                 self.child = None;
-                let log =
-                    std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
-                return Err(format!("redis-server exited with {status}: {log}"));
+                let read = |name: &str| {
+                    std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+                };
+                let hint = if self.tls.is_some() {
+                    " (a redis-server built without TLS rejects the tls-* arguments)"
+                } else {
+                    ""
+                };
+                return Err(format!(
+                    "redis-server exited with {status}{hint}: {}{}",
+                    read("stderr.log"),
+                    read("redis.log")
+                ));
             }
             if Instant::now() > deadline {
                 self.stop();
@@ -116,13 +255,30 @@ impl RedisServer {
         self.port
     }
 
-    /// `redis://127.0.0.1:PORT/0`.
+    /// `redis://127.0.0.1:PORT/0`, or `rediss://` for a TLS server.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
     }
 
+    /// A client of the test's own; for a TLS server, one trusting the server's CA and
+    /// presenting no certificate.
     pub fn client(&self) -> redis::Client {
-        redis::Client::open(self.url()).expect("redis url")
+        match &self.tls {
+            None => redis::Client::open(self.url()).expect("redis url"),
+            Some(tls) => redis::Client::build_with_tls(
+                self.url(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(tls.ca_pem.clone()),
+                },
+            )
+            .expect("rediss url and CA"),
+        }
     }
 
     /// A connection of the test's own, as `redis-cli` would use.
@@ -169,13 +325,44 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// Whether something on `port` answers `PING` with `+PONG`.
-fn ping(port: u16) -> bool {
+/// Whether something on `port` answers `PING` with `+PONG`; over TLS trusting only the
+/// server's CA.
+fn ping(port: u16, tls: Option<&ServerTls>) -> bool {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let Some(tls) = tls else {
+        return pong(&mut s);
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&tls.ca_pem) {
+        roots.add(cert.expect("CA PEM")).expect("CA certificate");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots);
+    let config = match &tls.client_identity {
+        None => config.with_no_client_auth(),
+        Some((cert, key)) => config
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(cert)
+                    .collect::<Result<_, _>>()
+                    .expect("client certificate PEM"),
+                PrivateKeyDer::from_pem_slice(key).expect("client key PEM"),
+            )
+            .expect("client certificate and key"),
+    };
+    let name = ServerName::try_from("127.0.0.1").expect("server name");
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).expect("TLS client");
+    pong(&mut rustls::StreamOwned::new(conn, s))
+}
+
+fn pong(s: &mut (impl Read + Write)) -> bool {
     if s.write_all(b"PING\r\n").is_err() {
         return false;
     }
@@ -254,6 +441,19 @@ impl GatewaySettings {
         }
         out.push_str(APIS);
         out
+    }
+
+    /// `[store] tls_ca_file` (and a client certificate, when given), for a `rediss://`
+    /// store.
+    pub fn trust(self, ca_file: &Path, client: Option<(&Path, &Path)>) -> GatewaySettings {
+        let path = |p: &Path| format!("{:?}", p.display().to_string());
+        let settings = self.set("store", "tls_ca_file", &path(ca_file));
+        match client {
+            None => settings,
+            Some((cert, key)) => settings
+                .set("store", "tls_client_cert_file", &path(cert))
+                .set("store", "tls_client_key_file", &path(key)),
+        }
     }
 
     pub fn config(&self) -> Config {
