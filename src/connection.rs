@@ -211,3 +211,79 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    /// A connection that ends as soon as it is asked to close gracefully.
+    struct Conn {
+        closing: bool,
+    }
+
+    impl Future for Conn {
+        type Output = Result<(), ()>;
+        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+            if self.closing {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    fn close(c: Pin<&mut Conn>) {
+        c.get_mut().closing = true;
+    }
+
+    async fn closed_after(counts: Arc<IoCounts>, idle: Duration) -> Duration {
+        let (_tx, rx) = watch::channel(false);
+        let started = Instant::now();
+        drive(Conn { closing: false }, close, counts, idle, rx)
+            .await
+            .expect("ends");
+        started.elapsed()
+    }
+
+    // Timer-exact (paused clock): the black-box test over sockets can only bound this
+    // loosely on a loaded machine.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_closes_between_one_and_one_and_a_quarter_idle() {
+        let idle = Duration::from_secs(4);
+        let took = closed_after(Arc::new(IoCounts::default()), idle).await;
+        assert!(took >= idle && took <= idle + idle / 4, "{took:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn activity_postpones_the_close() {
+        let idle = Duration::from_secs(4);
+        let counts = Arc::new(IoCounts::default());
+        let busy = counts.clone();
+        // I/O every second for 10 s, then silence.
+        tokio::spawn(async move {
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                busy.activity.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let took = closed_after(counts, idle).await;
+        let last_io = Duration::from_secs(10);
+        assert!(
+            took >= last_io + idle && took <= last_io + idle + idle / 4,
+            "{took:?}"
+        );
+    }
+
+    #[test]
+    fn a_request_with_no_read_since_the_previous_one_was_buffered() {
+        let counts = IoCounts::default();
+        counts.reads.fetch_add(1, Ordering::Relaxed);
+        assert!(!counts.buffered_request(), "the first request");
+        assert!(counts.buffered_request(), "no read since: pipelined");
+        assert!(counts.buffered_request(), "still none");
+        counts.reads.fetch_add(1, Ordering::Relaxed);
+        assert!(!counts.buffered_request(), "it needed a read of its own");
+    }
+}

@@ -491,9 +491,13 @@ async fn ten_thousand_idle_connections_are_cut_by_address_limit_and_idle_timeout
         refused_at_once >= 7_000,
         "only {refused_at_once} of 10,000 refused by the per-address limit"
     );
+    // Cut by idle_timeout (5 s), not by header_read_timeout (30 s). The gateway closes
+    // between 1x and 1.25x idle_timeout (timer-exact in connection::tests); seen from
+    // this end, 10,000 sockets watched by one thread, the close can be noticed a
+    // couple of seconds late on a loaded machine (7.7 s was seen at load average 9).
     for d in &held {
         assert!(
-            *d >= Duration::from_millis(4900) && *d < Duration::from_millis(7500),
+            *d >= Duration::from_millis(4900) && *d < Duration::from_secs(10),
             "an idle connection was cut after {d:?}; idle_timeout is 5 s"
         );
     }
