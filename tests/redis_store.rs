@@ -853,9 +853,10 @@ async fn flood_unknown(
     all
 }
 
-fn p99(mut v: Vec<Duration>) -> Duration {
+/// The `pct` percentile of `v` (sorted in place).
+fn percentile(v: &mut [Duration], pct: usize) -> Duration {
     v.sort();
-    v[(v.len() * 99 / 100).min(v.len() - 1)]
+    v[(v.len() * pct / 100).min(v.len() - 1)]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -915,10 +916,13 @@ async fn ten_thousand_random_unknown_keys_make_a_bounded_number_of_lookups() {
     let samples = during.len();
 
     let lookups = evalsha_calls(&mut conn).await;
-    let (valid_p99, flood_p99) = (p99(during), p99(flooded));
+    let (mut during, mut flooded) = (during, flooded);
+    let (valid_p50, flood_p50) = (percentile(&mut during, 50), percentile(&mut flooded, 50));
+    let (valid_p99, flood_p99) = (percentile(&mut during, 99), percentile(&mut flooded, 99));
     eprintln!(
         "10,000 requests over {DISTINCT} unknown keys in {took:?}: {lookups} lookups at Redis; \
-         p99 valid key {valid_p99:?} ({samples} samples), unknown keys {flood_p99:?}"
+         valid key p50 {valid_p50:?} p99 {valid_p99:?} ({samples} samples), unknown keys \
+         p50 {flood_p50:?} p99 {flood_p99:?}"
     );
     assert!(
         lookups <= DISTINCT as u64,
@@ -930,9 +934,16 @@ async fn ten_thousand_random_unknown_keys_make_a_bounded_number_of_lookups() {
         "the valid key needed no lookup: it stayed cached"
     );
     // The flood saturates the CPUs; a valid key fares no worse than the flood itself.
+    // The median carries the claim; the tail gets more room, as a few hundred
+    // sequential samples put p99 at the 2nd-4th slowest, which one scheduling hiccup
+    // of a loaded machine decides.
     assert_eq!(pooled_events(&client, addr, &valid).await.0, 200);
     assert!(
-        valid_p99 <= flood_p99 * 2 + Duration::from_millis(20),
+        valid_p50 <= flood_p50 * 2 + Duration::from_millis(5),
+        "valid key p50 {valid_p50:?}, flood p50 {flood_p50:?}"
+    );
+    assert!(
+        valid_p99 <= flood_p99 * 3 + Duration::from_millis(50),
         "valid key p99 {valid_p99:?}, flood p99 {flood_p99:?}"
     );
 
