@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use http::header::{AUTHORIZATION, HOST};
+use http::header::HOST;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
@@ -616,11 +616,11 @@ async fn handle(
             let mut head = head;
             let client_authority = head.uri.authority().cloned();
             let h = &mut head.headers;
-            headers::strip_hop_by_hop(h);
-            headers::strip_untrusted(h, &policy.identity.prefix);
-            if !policy.config.upstream.forward_authorization {
-                h.remove(AUTHORIZATION);
-            }
+            headers::strip_for_upstream(
+                h,
+                &policy.identity.prefix,
+                !policy.config.upstream.forward_authorization,
+            );
             if let Some(host) = &policy.config.upstream.host {
                 if let Ok(v) = HeaderValue::from_str(host) {
                     h.insert(HOST, v);
