@@ -271,8 +271,7 @@ fn whole_request(rt: &tokio::runtime::Runtime, store: &std::path::Path) {
         // rewrite of the whole 10k-key file, which the file watcher then reloads (and
         // flushes the cache). Wait it out, so that neither measured phase pays for it.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while gateway.gate.metrics.key_use_writes.get() == 0
-            && std::time::Instant::now() < deadline
+        while gateway.gate.metrics.key_use_writes.get() == 0 && std::time::Instant::now() < deadline
         {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }

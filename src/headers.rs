@@ -62,7 +62,7 @@ impl IdentityNames {
 /// Removes `Connection`, every header it nominates and the fixed hop-by-hop set (the
 /// backend's response on its way to the client).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    strip(headers, |_| false);
+    strip(headers, None);
 }
 
 /// Removes from a request on its way to the backend, in one walk over the names:
@@ -81,100 +81,168 @@ pub fn strip_for_upstream(
     identity_prefix: &str,
     drop_authorization: bool,
 ) {
-    let prefix = identity_prefix.as_bytes();
-    strip(headers, |name| {
-        untrusted(name, prefix) || (drop_authorization && name == header::AUTHORIZATION)
-    });
+    let rules = RequestRules {
+        prefix: identity_prefix.as_bytes(),
+        drop_authorization,
+    };
+    strip(headers, Some(&rules));
 }
 
-/// Removes the hop-by-hop headers and every header `also` names. The common request
-/// has nothing to remove but `Authorization` (a standard name): one read-only walk over
-/// the names, then one hash removal per header actually present, and no allocation
-/// unless a removed name is longer than 64 bytes.
-fn strip(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
-    let doomed = |k: &HeaderName| is_hop_by_hop(k) || also(k);
-    if !headers.keys().any(doomed) {
-        return;
+/// What goes from a request beyond the hop-by-hop headers.
+struct RequestRules<'a> {
+    prefix: &'a [u8],
+    drop_authorization: bool,
+}
+
+/// Every name a fixed rule removes, matched by position: [`HOP_BY_HOP`] (`Connection`
+/// first), then [`METHOD_OVERRIDE`], then `Authorization`.
+static FIXED: [HeaderName; 13] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+    header::AUTHORIZATION,
+];
+
+/// Why a name goes.
+#[derive(Debug, PartialEq)]
+enum Removal {
+    /// `FIXED[i]`.
+    Fixed(usize),
+    /// The identity prefix or a `_` spelling: a name only known at run time.
+    Untrusted,
+}
+
+/// Whether and why `name` goes: hop-by-hop always, the rest with `rules` (requests).
+fn removal(name: &HeaderName, rules: Option<&RequestRules<'_>>) -> Option<Removal> {
+    let fixed = match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "te" => 2,
+        "trailer" => 3,
+        "transfer-encoding" => 4,
+        "upgrade" => 5,
+        "proxy-connection" => 6,
+        "proxy-authorization" => 7,
+        "proxy-authenticate" => 8,
+        _ if rules.is_none() => return None,
+        "x-http-method-override" => 9,
+        "x-http-method" => 10,
+        "x-method-override" => 11,
+        "authorization" if rules.is_some_and(|r| r.drop_authorization) => 12,
+        _ => {
+            let prefix = rules.map_or(&b""[..], |r| r.prefix);
+            return untrusted(name, prefix).then_some(Removal::Untrusted);
+        }
+    };
+    Some(Removal::Fixed(fixed))
+}
+
+/// One walk over the names notes which fixed names are present (a bit each) and
+/// whether any run-time one is; then each present fixed name is removed by its constant.
+/// The common request has nothing to remove but `Authorization`: one walk and one hash
+/// removal, no allocation.
+fn strip(headers: &mut HeaderMap, rules: Option<&RequestRules<'_>>) {
+    let (mut fixed, mut untrusted) = (0u16, false);
+    for k in headers.keys() {
+        match removal(k, rules) {
+            Some(Removal::Fixed(i)) => fixed |= 1 << i,
+            Some(Removal::Untrusted) => untrusted = true,
+            None => {}
+        }
     }
-    // Names the `Connection` header nominates, while it is still there to read. Those
-    // that go anyway (`connection` itself among them) are left to the loop below.
-    if headers.contains_key(header::CONNECTION) {
-        while let Some(name) = {
-            let tokens = headers.get_all(header::CONNECTION);
-            headers
-                .keys()
-                .find(|k| !doomed(k) && !NOT_NOMINATABLE.contains(k) && nominates(&tokens, k))
-                .map(Doomed::of)
+    if fixed & 1 != 0 {
+        // Names the `Connection` header nominates, while it is still there to read: one
+        // token at a time, since the map cannot change while its values are borrowed.
+        // Hop-by-hop names (`connection` among them) go below anyway.
+        let mut done = 0;
+        while let Some((i, name)) = {
+            let next = connection_tokens(headers)
+                .enumerate()
+                .skip(done)
+                .find(|(_, t)| {
+                    !NOT_NOMINATABLE
+                        .iter()
+                        .any(|n| t.eq_ignore_ascii_case(n.as_str()))
+                        && !HOP_BY_HOP
+                            .iter()
+                            .any(|n| t.eq_ignore_ascii_case(n.as_str()))
+                });
+            next.map(|(i, t)| (i, Doomed::of(t)))
         } {
+            done = i + 1;
             name.remove_from(headers);
         }
     }
-    while let Some(name) = headers.keys().find(|k| doomed(k)).map(Doomed::of) {
-        name.remove_from(headers);
+    for (i, name) in FIXED.iter().enumerate() {
+        if fixed & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+    if untrusted {
+        // Rare (a client spoofing identity headers): one name per walk.
+        while let Some(name) = headers
+            .keys()
+            .find(|k| removal(k, rules) == Some(Removal::Untrusted))
+            .map(|k| Doomed::of(k.as_str()))
+        {
+            name.remove_from(headers);
+        }
     }
 }
 
-/// Whether a `Connection` header (all its values) names `name`. Values that are not
+/// The comma-separated tokens of every `Connection` value, trimmed. Values that are not
 /// visible ASCII are ignored whole.
-fn nominates(tokens: &http::header::GetAll<'_, HeaderValue>, name: &HeaderName) -> bool {
-    tokens.iter().any(|value| {
-        value.to_str().is_ok_and(|s| {
-            s.split(',').any(|t| {
-                t.trim()
-                    .as_bytes()
-                    .eq_ignore_ascii_case(name.as_str().as_bytes())
-            })
-        })
-    })
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .map(str::trim)
 }
 
-/// One of [`HOP_BY_HOP`].
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "proxy-connection"
-            | "proxy-authorization"
-            | "proxy-authenticate"
-    )
-}
-
-/// A header name to remove, copied out of the map so the map can be changed: on the
-/// stack up to 64 bytes (no allocation, even for a name whose bytes are not shared yet),
-/// else an owned clone.
+/// A header name (or a token that may be one, in any case) to remove, copied out of the
+/// map so the map can be changed: on the stack up to 64 bytes (no allocation), else on
+/// the heap.
 enum Doomed {
     Short([u8; 64], usize),
-    Long(HeaderName),
+    Long(String),
 }
 
 impl Doomed {
-    fn of(name: &HeaderName) -> Doomed {
-        let bytes = name.as_str().as_bytes();
+    fn of(name: &str) -> Doomed {
+        let bytes = name.as_bytes();
         let mut buf = [0u8; 64];
         match buf.get_mut(..bytes.len()) {
             Some(dst) => {
                 dst.copy_from_slice(bytes);
                 Doomed::Short(buf, bytes.len())
             }
-            None => Doomed::Long(name.clone()),
+            None => Doomed::Long(name.to_owned()),
         }
     }
 
+    /// Removes every value of the name; nothing when the name is absent or not a valid
+    /// header name.
     fn remove_from(self, headers: &mut HeaderMap) {
         match self {
             Doomed::Short(buf, len) => {
-                // The bytes of a `HeaderName`: lower-case visible ASCII, valid as a name.
+                // Copied from a `&str` whole, so still UTF-8.
                 if let Ok(name) = std::str::from_utf8(&buf[..len]) {
                     headers.remove(name);
                 }
             }
             Doomed::Long(name) => {
-                headers.remove(&name);
+                headers.remove(name.as_str());
             }
         }
     }
@@ -399,12 +467,29 @@ mod tests {
     }
 
     #[test]
-    fn every_hop_by_hop_name_is_recognised() {
-        for name in &HOP_BY_HOP {
-            assert!(is_hop_by_hop(name), "{name}");
+    fn fixed_names_are_recognised_by_position() {
+        let (hop_by_hop, overrides) = (HOP_BY_HOP, METHOD_OVERRIDE);
+        let fixed: Vec<&HeaderName> = hop_by_hop
+            .iter()
+            .chain(&overrides)
+            .chain([&header::AUTHORIZATION])
+            .collect();
+        assert_eq!(fixed, FIXED.iter().collect::<Vec<_>>());
+        let request = RequestRules {
+            prefix: b"x-campaign-",
+            drop_authorization: true,
+        };
+        for (i, name) in FIXED.iter().enumerate() {
+            assert_eq!(
+                removal(name, Some(&request)),
+                Some(Removal::Fixed(i)),
+                "{name}"
+            );
+            let hop_by_hop = (i < HOP_BY_HOP.len()).then_some(Removal::Fixed(i));
+            assert_eq!(removal(name, None), hop_by_hop, "{name}");
         }
-        for name in [header::HOST, header::AUTHORIZATION, X_FORWARDED_FOR] {
-            assert!(!is_hop_by_hop(&name), "{name}");
+        for name in [header::HOST, X_FORWARDED_FOR, X_REQUEST_ID] {
+            assert_eq!(removal(&name, Some(&request)), None, "{name}");
         }
     }
 
