@@ -292,7 +292,8 @@ async fn drive(addr: std::net::SocketAddr, token: &str, n: usize) -> usize {
 /// Allocations per request proxied by an in-process gateway: client -> gateway ->
 /// backend minus client -> backend, all on this thread.
 fn whole_request(rt: &tokio::runtime::Runtime, store: &std::path::Path) {
-    const REQUESTS: usize = 20_000;
+    const REQUESTS: usize = 4_000;
+    const ROUNDS: usize = 7;
     rt.block_on(async {
         let backend = backend().await;
         let upstream = format!("http://{backend}");
@@ -326,25 +327,26 @@ fn whole_request(rt: &tokio::runtime::Runtime, store: &std::path::Path) {
         tokio::time::sleep(std::time::Duration::from_millis(600)).await;
         assert_eq!(drive(gateway.addr, &token, 1000).await, 1000);
         assert_eq!(drive(backend, &token, 1000).await, 1000);
-        let (direct, direct_bytes, ok) = count_async(drive(backend, &token, REQUESTS)).await;
-        assert_eq!(ok, REQUESTS);
-        let (proxied, proxied_bytes, ok) = count_async(drive(gateway.addr, &token, REQUESTS)).await;
-        assert_eq!(ok, REQUESTS, "every proxied request answered 200");
-        report(
-            "client -> backend (baseline)",
-            REQUESTS,
-            (direct, direct_bytes),
-        );
-        report(
-            "client -> gateway -> backend",
-            REQUESTS,
-            (proxied, proxied_bytes),
-        );
+        // Background work lands in whichever phase runs at the time (the key-use write
+        // and the store reload it causes, about a second after a key is first used, and
+        // again after the cache is flushed): alternate short rounds and keep each
+        // phase's quietest round.
+        let (mut direct, mut proxied) = ((u64::MAX, 0), (u64::MAX, 0));
+        for _ in 0..ROUNDS {
+            let (blocks, bytes, ok) = count_async(drive(backend, &token, REQUESTS)).await;
+            assert_eq!(ok, REQUESTS);
+            direct = direct.min((blocks, bytes));
+            let (blocks, bytes, ok) = count_async(drive(gateway.addr, &token, REQUESTS)).await;
+            assert_eq!(ok, REQUESTS, "every proxied request answered 200");
+            proxied = proxied.min((blocks, bytes));
+        }
+        report("client -> backend (baseline)", REQUESTS, direct);
+        report("client -> gateway -> backend", REQUESTS, proxied);
         println!(
-            "{:<44} {:>8.3} allocations/op {:>9.1} bytes/op  ({REQUESTS} ops)",
+            "{:<44} {:>8.3} allocations/op {:>9.1} bytes/op  ({REQUESTS} ops, quietest of {ROUNDS} rounds)",
             "gateway's share (difference)",
-            (proxied as f64 - direct as f64) / REQUESTS as f64,
-            (proxied_bytes as f64 - direct_bytes as f64) / REQUESTS as f64,
+            (proxied.0 as f64 - direct.0 as f64) / REQUESTS as f64,
+            (proxied.1 as f64 - direct.1 as f64) / REQUESTS as f64,
         );
         gateway.shutdown().await;
     });
