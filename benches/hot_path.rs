@@ -226,6 +226,65 @@ fn cache(c: &mut Criterion) {
     g.finish();
 }
 
+/// Header hygiene on the way to the backend and back: a request as wrk sends it, one as
+/// a browser-like client sends it (with `Connection: keep-alive`), and a response as
+/// nginx sends it.
+fn headers(c: &mut Criterion) {
+    use criterion::BatchSize;
+    use http::{HeaderMap, HeaderName, HeaderValue};
+    let map = |pairs: &[(&str, &str)]| {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        h
+    };
+    let bearer = format!("Bearer {}", fixture::token(1));
+    let wrk = map(&[("host", "bench"), ("authorization", &bearer)]);
+    let browser = map(&[
+        ("host", "api.example.com"),
+        (
+            "user-agent",
+            "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+        ),
+        ("accept", "application/json"),
+        ("accept-language", "en-US,en;q=0.5"),
+        ("accept-encoding", "gzip, deflate, br"),
+        ("authorization", &bearer),
+        ("connection", "keep-alive"),
+        ("cookie", "session=abc"),
+        ("x-request-id", "b0c5e1d2-7f3a-4e8b-9c6d-1a2b3c4d5e6f"),
+    ]);
+    let response = map(&[
+        ("server", "nginx"),
+        ("date", "Tue, 24 Nov 2026 15:00:00 GMT"),
+        ("content-type", "text/plain"),
+        ("content-length", "2"),
+        ("connection", "keep-alive"),
+    ]);
+    let mut g = c.benchmark_group("headers");
+    for (name, head) in [("request_wrk", &wrk), ("request_browser", &browser)] {
+        g.bench_function(name, |b| {
+            b.iter_batched_ref(
+                || head.clone(),
+                |h| campaign_gate::headers::strip_for_upstream(h, "x-campaign-", true),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    g.bench_function("response_nginx", |b| {
+        b.iter_batched_ref(
+            || response.clone(),
+            campaign_gate::headers::strip_hop_by_hop,
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
 fn settings() -> Criterion {
     Criterion::default()
         .sample_size(40)
@@ -236,6 +295,6 @@ fn settings() -> Criterion {
 criterion_group! {
     name = benches;
     config = settings();
-    targets = bearer, path, routes, grants, cache
+    targets = bearer, path, routes, grants, cache, headers
 }
 criterion_main!(benches);

@@ -32,7 +32,13 @@
 #
 # Environment: RUNS (3), DURATION seconds (10), CONNS (64), THREADS wrk threads (2),
 # WORKERS proxy workers (2), GATE_RUNTIME (the binary's default), ACCESS_LOG (0),
-# OUT results dir (target/load-bench), SKIP_BUILD=1, KEEP=1 keeps the scratch dir.
+# OUT results dir (target/load-bench), SKIP_BUILD=1, KEEP=1 keeps the scratch dir,
+# SCENARIOS (comma-separated, default all: warm,h2c,upload,storm,tls,cold; e.g.
+# SCENARIOS=warm for the warm-key comparison alone, which also skips making the 10,000
+# cold keys), BIN_B (a second campaign-gate binary: started beside the first on the same
+# store and backend, and run in the warm scenario as `campaign_gate_b`, interleaved with
+# it and in alternating order, for an A/B of two builds under the same noise), BIN (the
+# campaign-gate binary, default the release build; with SKIP_BUILD=1 to measure a saved one).
 # Results: $OUT/results.md and the raw runs beside it.
 set -euo pipefail
 
@@ -43,10 +49,13 @@ CONNS=${CONNS:-64}
 THREADS=${THREADS:-2}
 WORKERS=${WORKERS:-2}
 ACCESS_LOG=${ACCESS_LOG:-0}
+SCENARIOS=${SCENARIOS:-warm,h2c,upload,storm,tls,cold}
+BIN_B=${BIN_B:-}
+want() { [[ ",$SCENARIOS," == *",$1,"* ]]; }
 GATE_RUNTIME=${GATE_RUNTIME:-}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 OUT=${OUT:-$TARGET_DIR/load-bench}
-BIN=$TARGET_DIR/release/campaign-gate
+BIN=${BIN:-$TARGET_DIR/release/campaign-gate}
 WARM_KEYS=8
 COLD_USERS=5000 # x 2 keys each: the most a user may hold
 STORM_PER_SEC=100
@@ -112,6 +121,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
   (cd "$ROOT" && cargo build --release --locked --bin campaign-gate) >&2
 fi
 [ -x "$BIN" ] || die "no binary at $BIN"
+[ -z "$BIN_B" ] || [ -x "$BIN_B" ] || die "no binary at BIN_B=$BIN_B"
 mkdir -p "$OUT"
 rm -f "$OUT"/*.tsv "$OUT"/*.txt "$OUT"/results.md
 
@@ -157,6 +167,8 @@ NGX_H2_PORT=$(free_port)
 NGX_TLS_PORT=$(free_port)
 GATE_PORT=$(free_port)
 GATE_ADMIN_PORT=$(free_port)
+GATE_B_PORT=$(free_port)
+GATE_B_ADMIN_PORT=$(free_port)
 REDIS_PORT=$(free_port)
 
 nginx_conf() { # name, workers, server blocks
@@ -284,7 +296,9 @@ cg() { "$BIN" --config "$WORK/gate.toml" "$@"; }
 
 # ---- 6. users and keys --------------------------------------------------------------------
 log "creating users and keys"
-if [ "$STORE_KIND" = file ]; then
+if ! want cold; then
+  : >"$WORK/cold_tokens.txt"
+elif [ "$STORE_KIND" = file ]; then
   # Bulk: write the store file in its documented format (version 1), as the CLI would
   # leave it, with the 10,000 cold keys; the warm users are then added by the CLI.
   python3 - "$WORK/store.json" "$WORK/cold_tokens.txt" "$COLD_USERS" <<'EOF'
@@ -320,28 +334,32 @@ for i in $(seq 1 $((WARM_KEYS / 2))); do
   cg keys generate "warm$i" >>"$WORK/warm_tokens.txt" 2>/dev/null
   cg keys generate "warm$i" >>"$WORK/warm_tokens.txt" 2>/dev/null
 done
-[ "$(wc -l <"$WORK/cold_tokens.txt")" -eq $((2 * COLD_USERS)) ] || die "cold keys missing"
+! want cold || [ "$(wc -l <"$WORK/cold_tokens.txt")" -eq $((2 * COLD_USERS)) ] || die "cold keys missing"
 [ "$(wc -l <"$WORK/warm_tokens.txt")" -eq "$WARM_KEYS" ] || die "warm keys missing"
 
 GATE_PID=""
 GATE_CONF=$WORK/gate.toml
-start_gate() {
+launch_gate() { # binary, config, port, admin port, name -> LAUNCHED_PID
   local log=warn
   [ "$ACCESS_LOG" = 1 ] && log=info
   env TOKIO_WORKER_THREADS="$WORKERS" CAMPAIGN_GATE_SERVER_WORKERS="$WORKERS" CAMPAIGN_GATE_LOG=$log \
     ${GATE_RUNTIME:+CAMPAIGN_GATE_SERVER_RUNTIME=$GATE_RUNTIME} \
-    "$BIN" serve --config "$GATE_CONF" >"$WORK/gate.out" 2>>"$WORK/gate.err" &
-  GATE_PID=$!
-  STARTED+=("$GATE_PID")
+    "$1" serve --config "$2" >"$WORK/$5.out" 2>>"$WORK/$5.err" &
+  LAUNCHED_PID=$!
+  STARTED+=("$LAUNCHED_PID")
   local i
   for ((i = 0; i < 200; i++)); do
-    grep -q "campaign-gate listening" "$WORK/gate.out" 2>/dev/null && break
-    kill -0 "$GATE_PID" 2>/dev/null || die "campaign-gate exited: $(tail -5 "$WORK/gate.err")"
+    grep -q "campaign-gate listening" "$WORK/$5.out" 2>/dev/null && break
+    kill -0 "$LAUNCHED_PID" 2>/dev/null || die "$5 exited: $(tail -5 "$WORK/$5.err")"
     sleep 0.05
   done
-  wait_port "$GATE_PORT" 10
-  : >"$WORK/gate.out"
-  curl -fsS "http://127.0.0.1:$GATE_ADMIN_PORT/readyz" >/dev/null 2>&1 || sleep 1
+  wait_port "$3" 10
+  : >"$WORK/$5.out"
+  curl -fsS "http://127.0.0.1:$4/readyz" >/dev/null 2>&1 || sleep 1
+}
+start_gate() {
+  launch_gate "$BIN" "$GATE_CONF" "$GATE_PORT" "$GATE_ADMIN_PORT" gate
+  GATE_PID=$LAUNCHED_PID
 }
 stop_gate() {
   kill "$GATE_PID" 2>/dev/null || true
@@ -354,6 +372,17 @@ code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $(head -
 sleep 1
 GATE_IDLE_KIB=$(status_kib "$GATE_PID" VmRSS)
 log "campaign-gate :$GATE_PORT (pid $GATE_PID), idle RSS $((GATE_IDLE_KIB / 1024)) MiB"
+GATE_B_PID=""
+if [ -n "$BIN_B" ]; then
+  sed -e "s|^listen = \"127.0.0.1:$GATE_PORT\"|listen = \"127.0.0.1:$GATE_B_PORT\"|" \
+    -e "s|^listen = \"127.0.0.1:$GATE_ADMIN_PORT\"|listen = \"127.0.0.1:$GATE_B_ADMIN_PORT\"|" \
+    "$WORK/gate.toml" >"$WORK/gate-b.toml"
+  launch_gate "$BIN_B" "$WORK/gate-b.toml" "$GATE_B_PORT" "$GATE_B_ADMIN_PORT" gate-b
+  GATE_B_PID=$LAUNCHED_PID
+  code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $(head -1 "$WORK/warm_tokens.txt")" "http://127.0.0.1:$GATE_B_PORT$ROUTE")
+  [ "$code" = 200 ] || die "BIN_B answered $code to a warm key (want 200)"
+  log "campaign-gate B ($BIN_B) :$GATE_B_PORT (pid $GATE_B_PID)"
+fi
 
 # ---- wrk scripts ----------------------------------------------------------------------
 cat >"$WORK/report.lua" <<'EOF'
@@ -472,15 +501,25 @@ GATE_URL=http://127.0.0.1:$GATE_PORT$ROUTE
 
 # ---- warm keys ------------------------------------------------------------------------
 log "warm keys: $RUNS runs x ${DURATION}s per target, wrk -t$THREADS -c$CONNS, interleaved"
+GATE_B_URL=http://127.0.0.1:$GATE_B_PORT$ROUTE
+if want warm; then
 for url in "$BACKEND_URL" "$PROXY_URL" "$AUTH_URL" "$GATE_URL"; do warmup "$url"; done
+[ -z "$BIN_B" ] || warmup "$GATE_B_URL"
 for run in $(seq 1 "$RUNS"); do
   run_wrk backend "$run" "$BACKEND_URL" "$PID_backend"
   # shellcheck disable=SC2154
   run_wrk nginx_proxy_pass "$run" "$PROXY_URL" "$PID_proxy"
   # shellcheck disable=SC2154
   run_wrk nginx_auth_request "$run" "$AUTH_URL" "$PID_auth"
-  run_wrk campaign_gate "$run" "$GATE_URL" "$GATE_PID"
+  if [ -n "$BIN_B" ] && [ $((run % 2)) = 0 ]; then
+    run_wrk campaign_gate_b "$run" "$GATE_B_URL" "$GATE_B_PID"
+    run_wrk campaign_gate "$run" "$GATE_URL" "$GATE_PID"
+  else
+    run_wrk campaign_gate "$run" "$GATE_URL" "$GATE_PID"
+    [ -z "$BIN_B" ] || run_wrk campaign_gate_b "$run" "$GATE_B_URL" "$GATE_B_PID"
+  fi
 done
+fi
 GATE_PEAK_KIB=$(status_kib "$GATE_PID" VmHWM)
 GATE_AFTER_KIB=$(status_kib "$GATE_PID" VmRSS)
 NGX_PROXY_KIB=$(rss_kib "$PID_proxy")
@@ -489,7 +528,9 @@ NGX_AUTH_KIB=$(rss_kib "$PID_auth")
 # ---- h2c downstream -------------------------------------------------------------------
 H2_TSV=$OUT/h2c.tsv
 printf 'scenario\trun\trps\tmean_ms\tfailed\tcpu_s_per_10k\n' >"$H2_TSV"
-if command -v h2load >/dev/null 2>&1; then
+if ! want h2c; then
+  :
+elif command -v h2load >/dev/null 2>&1; then
   log "h2c: h2load -t$THREADS -c$CONNS -m1 -D$DURATION, $RUNS runs per target"
   token=$(head -1 "$WORK/warm_tokens.txt")
   for run in $(seq 1 "$RUNS"); do
@@ -517,6 +558,7 @@ fi
 # ---- 10 MB upload -------------------------------------------------------------------------
 UP_TSV=$OUT/upload.tsv
 printf 'scenario\trun\tmb_per_s\tstatus\n' >"$UP_TSV"
+if want upload; then
 head -c "$UPLOAD_BYTES" /dev/urandom >"$WORK/body.bin"
 log "upload: $((UPLOAD_BYTES / 1000000)) MB POST with curl, 5 per target"
 token=$(head -1 "$WORK/warm_tokens.txt")
@@ -530,6 +572,7 @@ for run in 1 2 3 4 5; do
   done
 done
 awk -F'\t' 'NR > 1 && $4 != 200 { bad = bad " " $1 "=" $4 } END { if (bad) print "[load.sh] WARNING: upload statuses:" bad > "/dev/stderr" }' "$UP_TSV"
+fi
 
 # ---- invalidation storm (Redis only) --------------------------------------------------
 # A key of another user revoked every 10 ms while the warm keys are under load. The
@@ -538,7 +581,9 @@ awk -F'\t' 'NR > 1 && $4 != 200 { bad = bad " " $1 "=" $4 } END { if (bad) print
 # replayed for other users through one long-lived redis-cli, so the storm costs no
 # process spawns. Each storm run is paired with a control run that sends the same number
 # of PINGs the same way, and with a baseline run without either.
-if [ "$STORE_KIND" = redis ]; then
+if ! want storm; then
+  :
+elif [ "$STORE_KIND" = redis ]; then
   storm_users=$((RUNS * DURATION * STORM_PER_SEC / 2 + 10))
   log "storm: creating $storm_users users with 2 keys each"
   seq 0 "$storm_users" | xargs -P 4 -I{} sh -c \
@@ -623,7 +668,9 @@ fi
 # ---- TLS downstream -------------------------------------------------------------------
 # The same warm-key load over TLS 1.3 (keep-alive, so handshakes are rare): nginx
 # proxy_pass with `listen ssl` against campaign-gate with `[server] tls`, same pair.
-if [ "$TLS_OK" = 1 ]; then
+if ! want tls; then
+  :
+elif [ "$TLS_OK" = 1 ]; then
   sed 's|^\[server\]$|[server]\ntls = { cert = "'"$WORK"'/tls.crt", key = "'"$WORK"'/tls.key" }|' \
     "$WORK/gate.toml" >"$WORK/gate-tls.toml"
   stop_gate
@@ -651,13 +698,15 @@ fi
 # ---- cold keys ------------------------------------------------------------------------
 # A fresh gateway per run (empty cache); a short warm-key run first fills the upstream
 # pool, then 10,000 keys each used once (the last few per connection are left unused).
-log "cold keys: $((2 * COLD_USERS)) keys each used once, $RUNS runs (gateway restarted per run)"
-for run in $(seq 1 "$RUNS"); do
-  stop_gate
-  start_gate
-  warmup "$GATE_URL"
-  run_wrk campaign_gate_cold "$run" "$GATE_URL" "$GATE_PID" "$WORK/cold.lua" "$WORK/cold_tokens.txt"
-done
+if want cold; then
+  log "cold keys: $((2 * COLD_USERS)) keys each used once, $RUNS runs (gateway restarted per run)"
+  for run in $(seq 1 "$RUNS"); do
+    stop_gate
+    start_gate
+    warmup "$GATE_URL"
+    run_wrk campaign_gate_cold "$run" "$GATE_URL" "$GATE_PID" "$WORK/cold.lua" "$WORK/cold_tokens.txt"
+  done
+fi
 
 # ---- report ---------------------------------------------------------------------------
 median_of() { # tsv file, scenario, column -> median
@@ -679,7 +728,7 @@ GATE_RPS=$(median_of "$RUNS_TSV" campaign_gate 3)
   echo
   echo "| scenario | req/s | p50 ms | p99 ms | p99.9 ms | proxy CPU s / 10k req | vs nginx proxy_pass | vs nginx auth_request |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|"
-  for s in backend nginx_proxy_pass nginx_auth_request campaign_gate campaign_gate_cold storm_baseline storm_control storm_revoking nginx_proxy_pass_tls campaign_gate_tls; do
+  for s in backend nginx_proxy_pass nginx_auth_request campaign_gate campaign_gate_b campaign_gate_cold storm_baseline storm_control storm_revoking nginx_proxy_pass_tls campaign_gate_tls; do
     rps=$(median_of "$RUNS_TSV" "$s" 3)
     [ "$rps" = - ] && continue
     echo "| $s | $rps | $(median_of "$RUNS_TSV" "$s" 4) | $(median_of "$RUNS_TSV" "$s" 5) | $(median_of "$RUNS_TSV" "$s" 6) |" \
@@ -692,13 +741,23 @@ GATE_RPS=$(median_of "$RUNS_TSV" campaign_gate 3)
     "$(ratio "$(median_of "$RUNS_TSV" campaign_gate 7)" "$(median_of "$RUNS_TSV" nginx_proxy_pass 7)") the CPU of nginx proxy_pass and" \
     "$(ratio "$(median_of "$RUNS_TSV" campaign_gate 7)" "$(median_of "$RUNS_TSV" nginx_auth_request 7)") that of nginx auth_request."
   echo
+  if [ -n "$BIN_B" ]; then
+    echo "A/B (campaign_gate = $BIN, campaign_gate_b = $BIN_B): B / A" \
+      "$(ratio "$(median_of "$RUNS_TSV" campaign_gate_b 3)" "$GATE_RPS") req/s," \
+      "$(ratio "$(median_of "$RUNS_TSV" campaign_gate_b 7)" "$(median_of "$RUNS_TSV" campaign_gate 7)") CPU per request;" \
+      "B uses $(ratio "$(median_of "$RUNS_TSV" campaign_gate_b 7)" "$(median_of "$RUNS_TSV" nginx_proxy_pass 7)") the CPU of nginx proxy_pass" \
+      "at $(ratio "$(median_of "$RUNS_TSV" campaign_gate_b 3)" "$PROXY_RPS") its req/s."
+    echo
+  fi
   if [ "$(median_of "$RUNS_TSV" campaign_gate_tls 3)" != - ]; then
     echo "TLS: campaign-gate / nginx proxy_pass over TLS: $(ratio "$(median_of "$RUNS_TSV" campaign_gate_tls 3)" "$(median_of "$RUNS_TSV" nginx_proxy_pass_tls 3)") req/s," \
       "$(ratio "$(median_of "$RUNS_TSV" campaign_gate_tls 7)" "$(median_of "$RUNS_TSV" nginx_proxy_pass_tls 7)") CPU per request."
     echo
   fi
   echo "Cold keys / warm keys: $(ratio "$(median_of "$RUNS_TSV" campaign_gate_cold 3)" "$GATE_RPS")."
-  if [ "$STORE_KIND" = redis ]; then
+  if ! want storm; then
+    echo "Storm: not selected (SCENARIOS=$SCENARIOS)."
+  elif [ "$STORE_KIND" = redis ]; then
     echo "Storm: revoking / baseline $(ratio "$(median_of "$RUNS_TSV" storm_revoking 3)" "$(median_of "$RUNS_TSV" storm_baseline 3)")," \
       "revoking / control $(ratio "$(median_of "$RUNS_TSV" storm_revoking 3)" "$(median_of "$RUNS_TSV" storm_control 3)")" \
       "($STORM_INVALIDATIONS invalidations applied in $RUNS x ${DURATION}s, $STORM_FLUSHES full cache flushes;" \
@@ -707,7 +766,7 @@ GATE_RPS=$(median_of "$RUNS_TSV" campaign_gate 3)
     echo "Storm: not measured (needs the Redis store)."
   fi
   echo
-  echo "Memory (VmRSS / VmHWM; the $STORE_KIND store holds $((2 * COLD_USERS + WARM_KEYS)) keys): campaign-gate idle $((GATE_IDLE_KIB / 1024)) MiB, after the warm runs $((GATE_AFTER_KIB / 1024)) MiB," \
+  echo "Memory (VmRSS / VmHWM; the $STORE_KIND store holds $(($(wc -l <"$WORK/cold_tokens.txt") + WARM_KEYS)) keys): campaign-gate idle $((GATE_IDLE_KIB / 1024)) MiB, after the warm runs $((GATE_AFTER_KIB / 1024)) MiB," \
     "peak $((GATE_PEAK_KIB / 1024)) MiB; nginx proxy_pass (master + workers) $((NGX_PROXY_KIB / 1024)) MiB, auth_request $((NGX_AUTH_KIB / 1024)) MiB."
   if [ "$(wc -l <"$H2_TSV")" -gt 1 ]; then
     echo
@@ -719,14 +778,16 @@ GATE_RPS=$(median_of "$RUNS_TSV" campaign_gate 3)
       echo "| $s | $(median_of "$H2_TSV" $s 3) | $(median_of "$H2_TSV" $s 4) | $(median_of "$H2_TSV" $s 5) | $(median_of "$H2_TSV" $s 6) |"
     done
   fi
-  echo
-  echo "10 MB upload (curl, one at a time, median of 5):"
-  echo
-  echo "| target | MB/s |"
-  echo "|---|---:|"
-  for s in backend nginx_proxy_pass nginx_auth_request campaign_gate; do
-    echo "| $s | $(median_of "$UP_TSV" $s 3) |"
-  done
+  if want upload; then
+    echo
+    echo "10 MB upload (curl, one at a time, median of 5):"
+    echo
+    echo "| target | MB/s |"
+    echo "|---|---:|"
+    for s in backend nginx_proxy_pass nginx_auth_request campaign_gate; do
+      echo "| $s | $(median_of "$UP_TSV" $s 3) |"
+    done
+  fi
 } >"$OUT/results.md"
 cat "$OUT/results.md"
 log "raw runs in $OUT"

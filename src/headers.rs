@@ -59,60 +59,211 @@ impl IdentityNames {
     }
 }
 
-/// Removes `Connection` and every header it nominates, then the fixed hop-by-hop set.
+/// Removes `Connection`, every header it nominates and the fixed hop-by-hop set (the
+/// backend's response on its way to the client).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    strip(headers, None);
+}
+
+/// Removes from a request on its way to the backend, in one walk over the names:
+/// the hop-by-hop headers as [`strip_hop_by_hop`]; method-override headers; every header
+/// that starts with the identity prefix (names in a `HeaderMap` are already lower-case,
+/// so any case sent is caught); and `Authorization` when `drop_authorization`.
+///
+/// Spellings with `_` for `-` go as well (`x_campaign_user_id`, `x_http_method_override`,
+/// `x_forwarded_for`): CGI, WSGI, Rack and PHP backends map both `-` and `_` to `_`,
+/// so such a header would reach them as the one the gateway controls.
+///
 /// Runs before the gateway adds anything, so a client cannot nominate the gateway's own
 /// headers away.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let mut nominated: Vec<HeaderName> = Vec::new();
-        for value in headers.get_all(header::CONNECTION) {
-            let Ok(s) = value.to_str() else { continue };
-            for token in s.split(',') {
-                if let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes())
-                    && !NOT_NOMINATABLE.contains(&name)
-                {
-                    nominated.push(name);
-                }
-            }
+pub fn strip_for_upstream(
+    headers: &mut HeaderMap,
+    identity_prefix: &str,
+    drop_authorization: bool,
+) {
+    let rules = RequestRules {
+        prefix: identity_prefix.as_bytes(),
+        drop_authorization,
+    };
+    strip(headers, Some(&rules));
+}
+
+/// What goes from a request beyond the hop-by-hop headers.
+struct RequestRules<'a> {
+    prefix: &'a [u8],
+    drop_authorization: bool,
+}
+
+/// Every name a fixed rule removes, matched by position: [`HOP_BY_HOP`] (`Connection`
+/// first), then [`METHOD_OVERRIDE`], then `Authorization`.
+static FIXED: [HeaderName; 13] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+    header::AUTHORIZATION,
+];
+
+/// Why a name goes.
+#[derive(Debug, PartialEq)]
+enum Removal {
+    /// `FIXED[i]`.
+    Fixed(usize),
+    /// The identity prefix or a `_` spelling: a name only known at run time.
+    Untrusted,
+}
+
+/// Whether and why `name` goes: hop-by-hop always, the rest with `rules` (requests).
+fn removal(name: &HeaderName, rules: Option<&RequestRules<'_>>) -> Option<Removal> {
+    let fixed = match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "te" => 2,
+        "trailer" => 3,
+        "transfer-encoding" => 4,
+        "upgrade" => 5,
+        "proxy-connection" => 6,
+        "proxy-authorization" => 7,
+        "proxy-authenticate" => 8,
+        _ if rules.is_none() => return None,
+        "x-http-method-override" => 9,
+        "x-http-method" => 10,
+        "x-method-override" => 11,
+        "authorization" if rules.is_some_and(|r| r.drop_authorization) => 12,
+        _ => {
+            let prefix = rules.map_or(&b""[..], |r| r.prefix);
+            return untrusted(name, prefix).then_some(Removal::Untrusted);
         }
-        for name in nominated {
+    };
+    Some(Removal::Fixed(fixed))
+}
+
+/// One walk over the names notes which fixed names are present (a bit each) and
+/// whether any run-time one is; then each present fixed name is removed by its constant.
+/// The common request has nothing to remove but `Authorization`: one walk and one hash
+/// removal, no allocation.
+fn strip(headers: &mut HeaderMap, rules: Option<&RequestRules<'_>>) {
+    let (mut fixed, mut untrusted) = (0u16, false);
+    for k in headers.keys() {
+        match removal(k, rules) {
+            Some(Removal::Fixed(i)) => fixed |= 1 << i,
+            Some(Removal::Untrusted) => untrusted = true,
+            None => {}
+        }
+    }
+    if fixed & 1 != 0 {
+        // Names the `Connection` header nominates, while it is still there to read: one
+        // token at a time, since the map cannot change while its values are borrowed.
+        // Hop-by-hop names (`connection` among them) go below anyway.
+        let mut done = 0;
+        while let Some((i, name)) = {
+            let next = connection_tokens(headers)
+                .enumerate()
+                .skip(done)
+                .find(|(_, t)| {
+                    !NOT_NOMINATABLE
+                        .iter()
+                        .any(|n| t.eq_ignore_ascii_case(n.as_str()))
+                        && !HOP_BY_HOP
+                            .iter()
+                            .any(|n| t.eq_ignore_ascii_case(n.as_str()))
+                });
+            next.map(|(i, t)| (i, Doomed::of(t)))
+        } {
+            done = i + 1;
+            name.remove_from(headers);
+        }
+    }
+    for (i, name) in FIXED.iter().enumerate() {
+        if fixed & (1 << i) != 0 {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    if untrusted {
+        // Rare (a client spoofing identity headers): one name per walk.
+        while let Some(name) = headers
+            .keys()
+            .find(|k| removal(k, rules) == Some(Removal::Untrusted))
+            .map(|k| Doomed::of(k.as_str()))
+        {
+            name.remove_from(headers);
+        }
+    }
+}
+
+/// The comma-separated tokens of every `Connection` value, trimmed. Values that are not
+/// visible ASCII are ignored whole.
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .map(str::trim)
+}
+
+/// A header name (or a token that may be one, in any case) to remove, copied out of the
+/// map so the map can be changed: on the stack up to 64 bytes (no allocation), else on
+/// the heap.
+enum Doomed {
+    Short([u8; 64], usize),
+    Long(String),
+}
+
+impl Doomed {
+    fn of(name: &str) -> Doomed {
+        let bytes = name.as_bytes();
+        let mut buf = [0u8; 64];
+        match buf.get_mut(..bytes.len()) {
+            Some(dst) => {
+                dst.copy_from_slice(bytes);
+                Doomed::Short(buf, bytes.len())
+            }
+            None => Doomed::Long(name.to_owned()),
+        }
+    }
+
+    /// Removes every value of the name; nothing when the name is absent or not a valid
+    /// header name.
+    fn remove_from(self, headers: &mut HeaderMap) {
+        match self {
+            Doomed::Short(buf, len) => {
+                // Copied from a `&str` whole, so still UTF-8.
+                if let Ok(name) = std::str::from_utf8(&buf[..len]) {
+                    headers.remove(name);
+                }
+            }
+            Doomed::Long(name) => {
+                headers.remove(name.as_str());
+            }
+        }
     }
 }
 
 /// `X-Forwarded-*` names: the gateway sets them, so their `_` spellings go too.
 const FORWARDED: [HeaderName; 3] = [X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST];
 
-/// Removes method-override headers and every header that starts with the identity
-/// prefix (names in a `HeaderMap` are already lower-case, so any case sent is caught).
-///
-/// Spellings with `_` for `-` go as well (`x_campaign_user_id`, `x_http_method_override`,
-/// `x_forwarded_for`): CGI, WSGI, Rack and PHP backends map both `-` and `_` to `_`,
-/// so such a header would reach them as the one the gateway controls.
-pub fn strip_untrusted(headers: &mut HeaderMap, identity_prefix: &str) {
-    for name in &METHOD_OVERRIDE {
-        headers.remove(name);
+/// A method-override header, a header with the identity prefix, or a `_` spelling of a
+/// method-override or `X-Forwarded-*` name.
+fn untrusted(name: &HeaderName, prefix: &[u8]) -> bool {
+    let bytes = name.as_str().as_bytes();
+    if dashed_starts_with(bytes, prefix) {
+        return true;
     }
-    let prefix = identity_prefix.as_bytes();
-    let untrusted = |k: &HeaderName| {
-        let name = k.as_str().as_bytes();
-        if dashed_starts_with(name, prefix) {
-            return true;
-        }
-        name.contains(&b'_')
-            && METHOD_OVERRIDE.iter().chain(&FORWARDED).any(|m| {
-                name.len() == m.as_str().len() && dashed_starts_with(name, m.as_str().as_bytes())
-            })
-    };
-    if headers.keys().any(untrusted) {
-        let doomed: Vec<HeaderName> = headers.keys().filter(|k| untrusted(k)).cloned().collect();
-        for name in doomed {
-            headers.remove(name);
-        }
+    if bytes.contains(&b'_') {
+        METHOD_OVERRIDE.iter().chain(&FORWARDED).any(|m| {
+            bytes.len() == m.as_str().len() && dashed_starts_with(bytes, m.as_str().as_bytes())
+        })
+    } else {
+        METHOD_OVERRIDE.contains(name)
     }
 }
 
@@ -289,7 +440,7 @@ mod tests {
             ("X-Method-Override", "DELETE"),
             ("x-campaignx", "kept: other prefix"),
         ]);
-        strip_untrusted(&mut h, "x-campaign-");
+        strip_for_upstream(&mut h, "x-campaign-", false);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-campaignx"]);
     }
@@ -306,13 +457,230 @@ mod tests {
             ("x_forwarded_for_extra", "kept: another name"),
             ("x_custom", "kept"),
         ]);
-        strip_untrusted(&mut h, "x-campaign-");
+        strip_for_upstream(&mut h, "x-campaign-", false);
         let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
         assert_eq!(
             names,
             vec!["x_campaignx", "x_custom", "x_forwarded_for_extra"]
         );
+    }
+
+    #[test]
+    fn fixed_names_are_recognised_by_position() {
+        let (hop_by_hop, overrides) = (HOP_BY_HOP, METHOD_OVERRIDE);
+        let fixed: Vec<&HeaderName> = hop_by_hop
+            .iter()
+            .chain(&overrides)
+            .chain([&header::AUTHORIZATION])
+            .collect();
+        assert_eq!(fixed, FIXED.iter().collect::<Vec<_>>());
+        let request = RequestRules {
+            prefix: b"x-campaign-",
+            drop_authorization: true,
+        };
+        for (i, name) in FIXED.iter().enumerate() {
+            assert_eq!(
+                removal(name, Some(&request)),
+                Some(Removal::Fixed(i)),
+                "{name}"
+            );
+            let hop_by_hop = (i < HOP_BY_HOP.len()).then_some(Removal::Fixed(i));
+            assert_eq!(removal(name, None), hop_by_hop, "{name}");
+        }
+        for name in [header::HOST, X_FORWARDED_FOR, X_REQUEST_ID] {
+            assert_eq!(removal(&name, Some(&request)), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn authorization_dropped_only_when_asked() {
+        let mut h = map(&[("authorization", "Bearer x"), ("connection", "close")]);
+        strip_for_upstream(&mut h, "x-campaign-", false);
+        assert_eq!(
+            h.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            ["authorization"]
+        );
+        strip_for_upstream(&mut h, "x-campaign-", true);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn long_names_are_removed_too() {
+        let long = format!("x-campaign-{}", "a".repeat(100));
+        let mut h = map(&[
+            (long.as_str(), "evil"),
+            (
+                "connection",
+                "x-long-nominated-header-name-that-is-well-over-sixty-four-bytes-long",
+            ),
+            (
+                "x-long-nominated-header-name-that-is-well-over-sixty-four-bytes-long",
+                "1",
+            ),
+            ("x-keep", "1"),
+        ]);
+        strip_for_upstream(&mut h, "x-campaign-", false);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-keep"]);
+    }
+
+    /// The removals as they were before the one-pass walk: the behaviour to keep.
+    mod reference {
+        use super::super::*;
+
+        pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+            if headers.contains_key(header::CONNECTION) {
+                let mut nominated: Vec<HeaderName> = Vec::new();
+                for value in headers.get_all(header::CONNECTION) {
+                    let Ok(s) = value.to_str() else { continue };
+                    for token in s.split(',') {
+                        if let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes())
+                            && !NOT_NOMINATABLE.contains(&name)
+                        {
+                            nominated.push(name);
+                        }
+                    }
+                }
+                for name in nominated {
+                    headers.remove(name);
+                }
+            }
+            for name in &HOP_BY_HOP {
+                headers.remove(name);
+            }
+        }
+
+        pub fn strip_untrusted(headers: &mut HeaderMap, identity_prefix: &str) {
+            for name in &METHOD_OVERRIDE {
+                headers.remove(name);
+            }
+            let prefix = identity_prefix.as_bytes();
+            let untrusted = |k: &HeaderName| {
+                let name = k.as_str().as_bytes();
+                if dashed_starts_with(name, prefix) {
+                    return true;
+                }
+                name.contains(&b'_')
+                    && METHOD_OVERRIDE.iter().chain(&FORWARDED).any(|m| {
+                        name.len() == m.as_str().len()
+                            && dashed_starts_with(name, m.as_str().as_bytes())
+                    })
+            };
+            let doomed: Vec<HeaderName> =
+                headers.keys().filter(|k| untrusted(k)).cloned().collect();
+            for name in doomed {
+                headers.remove(name);
+            }
+        }
+    }
+
+    mod one_pass_matches_reference {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Names that matter to the rules, their spellings, and bystanders.
+        const NAMES: &[&str] = &[
+            "connection",
+            "keep-alive",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-connection",
+            "proxy-authorization",
+            "proxy-authenticate",
+            "x-http-method-override",
+            "x-http-method",
+            "x-method-override",
+            "x_http_method_override",
+            "x_http-method",
+            "x_method_override",
+            "x-campaign-user-id",
+            "x-campaign-",
+            "x_campaign_tenant",
+            "x-campaign_api",
+            "x-campaignx",
+            "x_campaignx",
+            "x-forwarded-for",
+            "x_forwarded_for",
+            "x-forwarded_proto",
+            "x_forwarded_host",
+            "x_forwarded_for_extra",
+            "host",
+            "content-length",
+            "authorization",
+            "x-request-id",
+            "accept",
+            "x-custom",
+            "x_custom",
+            "close",
+            "cookie",
+        ];
+
+        fn header_map() -> impl Strategy<Value = HeaderMap> {
+            let name = prop::sample::select(NAMES);
+            let token = prop_oneof![
+                prop::sample::select(NAMES).prop_map(str::to_owned),
+                prop::sample::select(NAMES).prop_map(str::to_ascii_uppercase),
+                Just(String::new()),
+                Just("  x-custom ".to_owned()),
+                Just("bad token".to_owned()),
+                Just("x-\u{e9}".to_owned()),
+            ];
+            let connection = prop::collection::vec(token, 0..4).prop_map(|t| t.join(","));
+            let entry = prop_oneof![
+                3 => name.prop_map(|n| (n.to_owned(), "v".to_owned())),
+                1 => connection.prop_map(|v| ("connection".to_owned(), v)),
+            ];
+            prop::collection::vec(entry, 0..12).prop_map(|entries| {
+                let mut h = HeaderMap::new();
+                for (k, v) in entries {
+                    let value = HeaderValue::from_bytes(v.as_bytes())
+                        .unwrap_or(HeaderValue::from_static("x"));
+                    h.append(HeaderName::from_bytes(k.as_bytes()).expect("name"), value);
+                }
+                h
+            })
+        }
+
+        /// Every name with its values in order. The order between different names is
+        /// not significant in HTTP (RFC 9110, 5.3) and follows from the order of the
+        /// removals, so it is not compared.
+        fn listed(h: &HeaderMap) -> Vec<(String, Vec<Vec<u8>>)> {
+            let mut out: Vec<(String, Vec<Vec<u8>>)> = h
+                .keys()
+                .map(|k| {
+                    let values = h.get_all(k).iter().map(|v| v.as_bytes().to_vec());
+                    (k.to_string(), values.collect())
+                })
+                .collect();
+            out.sort();
+            out
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2048))]
+
+            #[test]
+            fn response_side(h in header_map()) {
+                let (mut ours, mut theirs) = (h.clone(), h);
+                strip_hop_by_hop(&mut ours);
+                reference::strip_hop_by_hop(&mut theirs);
+                prop_assert_eq!(listed(&ours), listed(&theirs));
+            }
+
+            #[test]
+            fn request_side(h in header_map(), drop_authorization: bool) {
+                let (mut ours, mut theirs) = (h.clone(), h);
+                strip_for_upstream(&mut ours, "x-campaign-", drop_authorization);
+                reference::strip_hop_by_hop(&mut theirs);
+                reference::strip_untrusted(&mut theirs, "x-campaign-");
+                if drop_authorization {
+                    theirs.remove(header::AUTHORIZATION);
+                }
+                prop_assert_eq!(listed(&ours), listed(&theirs));
+            }
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! - [`path`]: canonical paths. [`routes`]: the route table and API ids.
 //! - [`auth`]: bearer parsing, token hashing, principals, the cache and invalidation.
 //! - [`store`]: the `Store` interface, domain rules ([`store::records`]), backends.
-//! - [`forward`]: the upstream client and streaming bodies. [`headers`]: header hygiene.
+//! - [`forward`]: each worker's upstream connection pool and the streaming bodies. [`headers`]: header hygiene.
 //! - [`errors`]: refusal kinds -> status, code, JSON body, `WWW-Authenticate`.
 //! - [`tokens`]: the deprecated access-token flow.
 //! - [`admin`]: health, readiness, metrics. [`telemetry`]: logs and metric types.

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use http::header::{AUTHORIZATION, HOST};
+use http::header::HOST;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
@@ -623,24 +623,24 @@ async fn handle(
     let method = head.method.clone();
 
     let result = match path_and_query.map(|pq| worker.forwarder.upstream_uri(pq)) {
-        Some(Ok(uri)) => {
+        Some(uri) => {
             let mut head = head;
             let client_authority = head.uri.authority().cloned();
             let h = &mut head.headers;
-            headers::strip_hop_by_hop(h);
-            headers::strip_untrusted(h, &policy.identity.prefix);
-            if !policy.config.upstream.forward_authorization {
-                h.remove(AUTHORIZATION);
-            }
+            headers::strip_for_upstream(
+                h,
+                &policy.identity.prefix,
+                !policy.config.upstream.forward_authorization,
+            );
             if let Some(host) = &policy.config.upstream.host {
                 if let Ok(v) = HeaderValue::from_str(host) {
                     h.insert(HOST, v);
                 }
-            } else if !h.contains_key(HOST)
-                && let Some(a) =
-                    client_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
-                h.insert(HOST, a);
+            } else if !h.contains_key(HOST) {
+                let host = client_authority
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                    .unwrap_or_else(|| worker.forwarder.default_host());
+                h.insert(HOST, host);
             }
             headers::set_forwarded(h, &peer_header, peer_trusted, proto);
             h.insert(X_REQUEST_ID, request_id.clone());
@@ -667,7 +667,7 @@ async fn handle(
             gate.metrics.upstream_seconds.observe(sent.elapsed());
             r
         }
-        _ => Err(Refusal::Internal),
+        None => Err(Refusal::Internal),
     };
 
     let (resp, outcome) = match result {

@@ -303,3 +303,172 @@ async fn absolute_form_target_is_forwarded_in_origin_form() {
     assert_eq!(backend.single_request().target, format!("{EVENTS}?x=1"));
     gateway.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_reused() {
+    let backend = RecordingBackend::start().await;
+    let env = TestEnv::builder()
+        .upstream(&backend.url())
+        .set("server", "workers", "1")
+        .build();
+    let token = env.create_api_user("alice", &["events"]);
+    let gateway = env.start_gateway().await;
+    for i in 0..10 {
+        let resp = Req::post(EVENTS).bearer(&token).send(gateway.addr).await;
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
+    }
+    assert_eq!(
+        backend.connections(),
+        1,
+        "one upstream connection for 10 requests"
+    );
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_idle_connections_kept_every_request_connects() {
+    let backend = RecordingBackend::start().await;
+    let env = TestEnv::builder()
+        .upstream(&backend.url())
+        .set("server", "workers", "1")
+        .set("upstream", "pool_max_idle_per_host", "0")
+        .build();
+    let token = env.create_api_user("alice", &["events"]);
+    let gateway = env.start_gateway().await;
+    for i in 0..3 {
+        let resp = Req::post(EVENTS).bearer(&token).send(gateway.addr).await;
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
+    }
+    assert_eq!(backend.connections(), 3);
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_backend_closed_while_idle_is_not_used() {
+    let backend = KeepAliveBackend::start(true).await;
+    let env = TestEnv::builder()
+        .upstream(&backend.url())
+        .set("server", "workers", "1")
+        .build();
+    let token = env.create_api_user("alice", &["events"]);
+    let gateway = env.start_gateway().await;
+    for i in 0..3 {
+        let resp = Req::post(EVENTS).bearer(&token).send(gateway.addr).await;
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
+        // The backend hung up after answering, without saying so; once the gateway has
+        // noticed (it closes its end too), the next request must take a new connection.
+        let gone = i + 1;
+        common::wait_until(Duration::from_secs(5), || async {
+            backend.closed_by_gateway() >= gone
+        })
+        .await
+        .expect("the gateway closes the connection the backend closed");
+    }
+    assert_eq!(backend.connections(), 3);
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_connections_are_closed_after_the_idle_timeout() {
+    let backend = KeepAliveBackend::start(false).await;
+    let env = TestEnv::builder()
+        .upstream(&backend.url())
+        .set("server", "workers", "1")
+        .set("upstream", "pool_idle_timeout", "\"300ms\"")
+        .build();
+    let token = env.create_api_user("alice", &["events"]);
+    let gateway = env.start_gateway().await;
+    let resp = Req::post(EVENTS).bearer(&token).send(gateway.addr).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let after = common::wait_until(Duration::from_secs(5), || async {
+        backend.closed_by_gateway() == 1
+    })
+    .await
+    .expect("the idle connection is closed");
+    assert!(after < Duration::from_secs(3), "closed after {after:?}");
+    assert_eq!(backend.connections(), 1);
+    gateway.shutdown().await;
+}
+
+/// A raw HTTP/1.1 backend answering `200 ok` to requests without a body. It counts the
+/// connections it accepted and those the gateway closed (EOF read). With
+/// `hang_up_after_answer` it half-closes every connection after its first answer,
+/// without `Connection: close`, as a backend whose keep-alive timeout ran out would.
+struct KeepAliveBackend {
+    addr: std::net::SocketAddr,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    closed_by_gateway: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl KeepAliveBackend {
+    async fn start(hang_up_after_answer: bool) -> KeepAliveBackend {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let closed_by_gateway = Arc::new(AtomicUsize::new(0));
+        let (accepted, closed) = (connections.clone(), closed_by_gateway.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let closed = closed.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let n = stream.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            closed.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            continue;
+                        };
+                        buf.drain(..end + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                        if hang_up_after_answer {
+                            let _ = stream.shutdown().await;
+                        }
+                    }
+                });
+            }
+        });
+        KeepAliveBackend {
+            addr,
+            connections,
+            closed_by_gateway,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn closed_by_gateway(&self) -> usize {
+        self.closed_by_gateway
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for KeepAliveBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
