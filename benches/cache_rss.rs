@@ -4,7 +4,7 @@
 //! count). Writes a `file:` store of N keys (N/2 API users with two keys each), opens an
 //! `Authenticator` over it as the server does (default `[auth]` config: capacity
 //! 1,000,000), resolves every key once through `Authenticator::resolve` so that each one
-//! is cached (plus its stale-if-error copy), and prints VmRSS before and after.
+//! is cached, and prints VmRSS before and after.
 //!
 //! The `file:` store keeps its whole snapshot in memory; the Redis store does not. The
 //! figure that stands for a gateway on Redis is therefore the idle RSS of the binary

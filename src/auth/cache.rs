@@ -19,7 +19,9 @@
 //! `negative_cache_ttl`) and for no longer than its grace deadline; N concurrent misses
 //! of one hash make one store lookup; a store error is never cached; within
 //! `stale_if_error` of the last successful fetch a known key keeps serving from the
-//! stale copy, still subject to its deadline and to invalidations.
+//! stale copy, still subject to its deadline and to invalidations. The stale copy is the
+//! cached entry itself, kept past `cache_ttl` (up to `stale_if_error`) but no longer
+//! served as fresh: one entry per key, not two.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -80,14 +82,15 @@ pub struct Principal {
     key_hash: TokenHash,
     /// When a use of this key was last queued for recording (ms; 0 = never).
     use_noted_ms: AtomicU64,
-    /// Served from a cache until this instant (ms): fetch time + `cache_ttl`.
-    fresh_until_ms: u64,
+    /// When the store answered (ms): fresh until `cache_ttl` later, usable as the stale
+    /// copy while the store is down until `stale_if_error` later.
+    fetched_ms: u64,
     stamp: Stamp,
     user_stripe: usize,
 }
 
 impl Principal {
-    fn from_resolved(r: &Resolved, routes: &RouteTable, fresh_until_ms: u64) -> Principal {
+    fn from_resolved(r: &Resolved, routes: &RouteTable, fetched_ms: u64) -> Principal {
         let header = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static(""));
         Principal {
             user_id: Arc::from(r.user.id.as_str()),
@@ -101,7 +104,7 @@ impl Principal {
             access_token: r.access_token,
             key_hash: r.key_hash,
             use_noted_ms: AtomicU64::new(0),
-            fresh_until_ms,
+            fetched_ms,
             stamp: Stamp {
                 global: 0,
                 key: 0,
@@ -119,13 +122,17 @@ impl Principal {
 
 #[derive(Debug, Clone)]
 enum Entry {
+    /// Fresh for `cache_ttl` after its fetch; kept as the stale copy after that.
     Known(Arc<Principal>),
     Unknown {
         stamp: Stamp,
     },
-    /// The store failed or shed the lookup. Never valid and expired on arrival: it only
-    /// carries the failure to the requests that waited on the same lookup.
-    Failed,
+    /// The store failed or shed the lookup. Never fresh: it carries the failure to the
+    /// requests that waited on the same lookup, and keeps the stale copy (if any) that
+    /// it replaced, so that an outage does not lose it.
+    Failed {
+        stale: Option<Arc<Principal>>,
+    },
 }
 
 /// Why a token did not resolve to a principal.
@@ -137,22 +144,25 @@ pub enum AuthFailure {
     Unavailable,
 }
 
+/// How long moka keeps an entry: a known key as long as its stale copy may serve
+/// (freshness, which ends at the grace deadline, is decided at read time). A stale copy
+/// past its deadline still answers "refused" while the store is down, not "unavailable".
 struct EntryExpiry {
-    ttl: Duration,
     negative_ttl: Duration,
+    /// `max(cache_ttl, stale_if_error)`.
+    keep_ms: u64,
 }
 
 impl EntryExpiry {
     fn lifetime(&self, value: &Entry) -> Duration {
+        let known = |p: &Principal| {
+            let until = p.fetched_ms.saturating_add(self.keep_ms);
+            Duration::from_millis(until.saturating_sub(now_ms()))
+        };
         match value {
             Entry::Unknown { .. } => self.negative_ttl,
-            Entry::Failed => Duration::ZERO,
-            Entry::Known(p) => match p.deadline_ms {
-                None => self.ttl,
-                Some(d) => self
-                    .ttl
-                    .min(Duration::from_millis(d.saturating_sub(now_ms()))),
-            },
+            Entry::Failed { stale: None } => Duration::ZERO,
+            Entry::Failed { stale: Some(p) } | Entry::Known(p) => known(p),
         }
     }
 }
@@ -240,10 +250,12 @@ static NEXT_AUTHENTICATOR_ID: AtomicUsize = AtomicUsize::new(1);
 pub struct Authenticator {
     id: usize,
     keys: Cache<TokenHash, Entry, TokenHashBuilder>,
-    stale: Cache<TokenHash, Arc<Principal>, TokenHashBuilder>,
     store: Store,
     store_timeout: Duration,
-    cache_ttl: Duration,
+    /// `[auth] cache_ttl` in ms.
+    ttl_ms: u64,
+    /// `[auth] stale_if_error` in ms.
+    stale_ms: u64,
     global: AtomicU64,
     stripes: Box<[AtomicU64]>,
     /// Bumped by every user invalidation, before the user's stripe.
@@ -266,25 +278,23 @@ impl Authenticator {
         store_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let (ttl_ms, stale_ms) = (ms(cfg.cache_ttl), ms(cfg.stale_if_error));
         let keys = Cache::builder()
             .max_capacity(cfg.cache_capacity)
             .expire_after(EntryExpiry {
-                ttl: cfg.cache_ttl,
                 negative_ttl: cfg.negative_cache_ttl,
+                keep_ms: ttl_ms.max(stale_ms),
             })
-            .build_with_hasher(TokenHashBuilder);
-        let stale = Cache::builder()
-            .max_capacity(cfg.cache_capacity)
-            .time_to_live(cfg.stale_if_error.max(Duration::from_millis(1)))
             .build_with_hasher(TokenHashBuilder);
         let (uses, uses_rx) = mpsc::channel(4096);
         Authenticator {
             id: NEXT_AUTHENTICATOR_ID.fetch_add(1, Ordering::Relaxed),
             keys,
-            stale,
             store,
             store_timeout,
-            cache_ttl: cfg.cache_ttl,
+            ttl_ms,
+            stale_ms,
             global: AtomicU64::new(0),
             stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             user_epoch: AtomicU64::new(0),
@@ -343,7 +353,31 @@ impl Authenticator {
         match e {
             Entry::Known(p) => self.principal_valid(hash, p),
             Entry::Unknown { stamp } => *stamp == self.current_stamp(hash, None),
-            Entry::Failed => false,
+            Entry::Failed { .. } => false,
+        }
+    }
+
+    /// Whether a principal may be served as fresh at `now` (its stamps aside): within
+    /// `cache_ttl` of its fetch and before its deadline.
+    fn fresh(&self, p: &Principal, now: u64) -> bool {
+        now < p.fetched_ms.saturating_add(self.ttl_ms) && p.deadline_ms.is_none_or(|d| now < d)
+    }
+
+    /// Whether an entry may answer at `now` without asking the store: valid, and for a
+    /// known key not past `cache_ttl` (moka expires negative entries by itself).
+    fn entry_fresh(&self, hash: &TokenHash, e: &Entry, now: u64) -> bool {
+        self.entry_valid(hash, e) && !matches!(e, Entry::Known(p) if !self.fresh(p, now))
+    }
+
+    /// The copy of a known key an entry keeps for serving while the store is down.
+    fn stale_copy(&self, e: Option<&Entry>, now: u64) -> Option<Arc<Principal>> {
+        match e? {
+            Entry::Known(p) | Entry::Failed { stale: Some(p) }
+                if now < p.fetched_ms.saturating_add(self.stale_ms) =>
+            {
+                Some(p.clone())
+            }
+            _ => None,
         }
     }
 
@@ -359,30 +393,32 @@ impl Authenticator {
             self.metrics.cache_hits.inc();
             return Ok(p);
         }
-        if let Some(entry) = self.keys.get(hash).await
-            && self.entry_valid(hash, &entry)
+        let mut cached = self.keys.get(hash).await;
+        if let Some(entry) = &cached
+            && self.entry_fresh(hash, entry, now)
         {
             self.metrics.cache_hits.inc();
-            return self.answer(hash, entry);
+            return self.answer(hash, entry.clone());
         }
         self.metrics.cache_misses.inc();
         // A stale entry is replaced, never removed: a removal could hit the newer answer
         // another request just loaded, and each such miss would cost one more lookup
         // (hundreds, for a hot key found stale by a burst of requests).
         for _ in 0..RACE_RETRIES {
+            let stale = self.stale_copy(cached.as_ref(), now);
             let entry = self
                 .keys
                 .entry_by_ref(hash)
-                .or_insert_with_if(self.load_entry(hash, routes), |e| {
-                    !self.entry_valid(hash, e)
+                .or_insert_with_if(self.load_entry(hash, routes, stale), |e| {
+                    !self.entry_fresh(hash, e, now_ms())
                 })
                 .await
                 .into_value();
             match entry {
-                Entry::Failed => return self.stale_or_unavailable(hash).await,
+                Entry::Failed { stale } => return self.serve_stale(hash, stale),
                 entry if self.entry_valid(hash, &entry) => return self.answer(hash, entry),
                 // Overtaken by an invalidation while loading: the next round replaces it.
-                _ => {}
+                entry => cached = Some(entry),
             }
         }
         // Invalidations keep racing this key: answer from a direct, uncached lookup,
@@ -391,7 +427,9 @@ impl Authenticator {
             Ok(entry) if !self.entry_valid(hash, &entry) => Err(AuthFailure::Unavailable),
             Ok(Entry::Known(p)) => Ok(p),
             Ok(Entry::Unknown { .. }) => Err(AuthFailure::Unknown),
-            Ok(Entry::Failed) | Err(_) => self.stale_or_unavailable(hash).await,
+            Ok(Entry::Failed { .. }) | Err(_) => {
+                self.serve_stale(hash, self.stale_copy(cached.as_ref(), now_ms()))
+            }
         }
     }
 
@@ -403,13 +441,21 @@ impl Authenticator {
                 Ok(p)
             }
             Entry::Unknown { .. } => Err(AuthFailure::Unknown),
-            Entry::Failed => Err(AuthFailure::Unavailable),
+            Entry::Failed { .. } => Err(AuthFailure::Unavailable),
         }
     }
 
-    /// [`Authenticator::load`] as a cache value: a failure becomes [`Entry::Failed`].
-    async fn load_entry(&self, hash: &TokenHash, routes: &RouteTable) -> Entry {
-        self.load(hash, routes).await.unwrap_or(Entry::Failed)
+    /// [`Authenticator::load`] as a cache value: a failure becomes [`Entry::Failed`],
+    /// which keeps the stale copy of the entry it replaces.
+    async fn load_entry(
+        &self,
+        hash: &TokenHash,
+        routes: &RouteTable,
+        stale: Option<Arc<Principal>>,
+    ) -> Entry {
+        self.load(hash, routes)
+            .await
+            .unwrap_or(Entry::Failed { stale })
     }
 
     fn front_get(&self, hash: &TokenHash, now: u64) -> Option<Arc<Principal>> {
@@ -419,7 +465,7 @@ impl Authenticator {
                 return None;
             }
             let p = f.map.get(hash)?;
-            (now < p.fresh_until_ms && self.principal_valid(hash, p)).then(|| p.clone())
+            (self.fresh(p, now) && self.principal_valid(hash, p)).then(|| p.clone())
         })
     }
 
@@ -434,9 +480,18 @@ impl Authenticator {
         });
     }
 
-    async fn stale_or_unavailable(&self, hash: &TokenHash) -> Result<Arc<Principal>, AuthFailure> {
-        match self.stale.get(hash).await {
-            Some(p) if self.principal_valid(hash, &p) => {
+    /// The answer while the store is down: the stale copy if it is still valid, else
+    /// "unavailable" (never fail open).
+    fn serve_stale(
+        &self,
+        hash: &TokenHash,
+        stale: Option<Arc<Principal>>,
+    ) -> Result<Arc<Principal>, AuthFailure> {
+        match stale {
+            Some(p)
+                if self.principal_valid(hash, &p)
+                    && now_ms() < p.fetched_ms.saturating_add(self.stale_ms) =>
+            {
                 self.metrics.stale_served.inc();
                 Ok(p)
             }
@@ -463,9 +518,7 @@ impl Authenticator {
         self.metrics.store_lookup_seconds.observe(started.elapsed());
         match result {
             Ok(Some(resolved)) => {
-                let fresh_until = now_ms()
-                    .saturating_add(u64::try_from(self.cache_ttl.as_millis()).unwrap_or(u64::MAX));
-                let mut p = Principal::from_resolved(&resolved, routes, fresh_until);
+                let mut p = Principal::from_resolved(&resolved, routes, now_ms());
                 // The user is known only now. Read its stripe, then the user epoch: an
                 // invalidation of any user since the lookup began shows in the epoch
                 // (bumped before the stripe), and then the entry is born invalid.
@@ -475,9 +528,7 @@ impl Authenticator {
                     user: if user_changed { u64::MAX } else { user_gen },
                     ..key_only
                 };
-                let p = Arc::new(p);
-                self.stale.insert(*hash, p.clone()).await;
-                Ok(Entry::Known(p))
+                Ok(Entry::Known(Arc::new(p)))
             }
             Ok(None) => Ok(Entry::Unknown { stamp: key_only }),
             Err(e) => {
@@ -496,7 +547,6 @@ impl Authenticator {
             Invalidation::Key(hash) => {
                 self.stripes[key_stripe(hash)].fetch_add(1, Ordering::AcqRel);
                 self.keys.invalidate(hash).await;
-                self.stale.invalidate(hash).await;
             }
             Invalidation::User(id) => {
                 // Entries of this user (and of the few others sharing its stripe) fail
@@ -513,7 +563,6 @@ impl Authenticator {
     pub fn flush_all(&self, reason: &'static str) {
         self.global.fetch_add(1, Ordering::AcqRel);
         self.keys.invalidate_all();
-        self.stale.invalidate_all();
         self.metrics.flush(reason);
         tracing::info!(reason, "auth cache flushed");
     }
