@@ -635,11 +635,11 @@ async fn handle(
             h.insert(X_REQUEST_ID, request_id.clone());
             h.insert(
                 policy.identity.user_id.clone(),
-                principal.user_id_header.clone(),
+                principal.user.user_id_header.clone(),
             );
             h.insert(
                 policy.identity.tenant.clone(),
-                principal.tenant_header.clone(),
+                principal.user.tenant_header.clone(),
             );
             h.insert(policy.identity.api.clone(), policy.api_header(api));
             h.insert(
@@ -739,7 +739,7 @@ fn finish(
             request_id = request_id.to_str().unwrap_or(""),
             method = method.as_str(),
             api = api.unwrap_or("-"),
-            user = principal.map_or("-", |p| &*p.user_id),
+            user = principal.map_or("-", |p| p.user_id()),
             key_id = principal
                 .and_then(|p| p.key_id_header.to_str().ok())
                 .unwrap_or("-"),

@@ -26,8 +26,8 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use http::HeaderValue;
@@ -64,59 +64,95 @@ struct Stamp {
     user: u64,
 }
 
-/// Who a token authenticates as, with grants compiled against the route table.
-#[derive(Debug)]
-pub struct Principal {
-    pub user_id: Arc<str>,
+/// The user a token authenticates as, compiled for the request path: the identity
+/// headers built once, grants compiled against the route table. Immutable, and shared
+/// by every cached token of the user whose lookup returned the same record (see
+/// [`Identities`]), so a user's keys hold one copy between them.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// The user id, as forwarded in the identity header (and the only copy of it).
     pub user_id_header: HeaderValue,
     pub tenant_header: HeaderValue,
-    pub key_id_header: HeaderValue,
     pub kind: UserType,
     pub disabled: bool,
     pub grants: ApiSet,
-    /// Refused from this instant on (ms since the Unix epoch), checked on every request.
-    pub deadline_ms: Option<u64>,
-    /// Authenticated by an access token of the deprecated flow, not a secret key.
-    pub access_token: bool,
-    /// The secret key this token stands for (an access token's parent).
-    key_hash: TokenHash,
+    /// The generation stripe of the user id.
+    stripe: u16,
+}
+
+impl Identity {
+    /// The user id (empty if the store held one that is not a valid header value).
+    pub fn user_id(&self) -> &str {
+        self.user_id_header.to_str().unwrap_or("")
+    }
+}
+
+/// Who a token authenticates as: its user, and what belongs to the token itself.
+#[derive(Debug)]
+pub struct Principal {
+    pub user: Arc<Identity>,
+    pub key_id_header: HeaderValue,
+    /// Refused from this instant on (ms since the Unix epoch; `u64::MAX`: never),
+    /// checked on every request.
+    deadline_ms: u64,
+    /// For an access token of the deprecated flow: its parent secret key. `None` for a
+    /// secret key, which stands for itself.
+    parent: Option<Box<TokenHash>>,
     /// When a use of this key was last queued for recording (ms; 0 = never).
     use_noted_ms: AtomicU64,
     /// When the store answered (ms): fresh until `cache_ttl` later, usable as the stale
     /// copy while the store is down until `stale_if_error` later.
     fetched_ms: u64,
     stamp: Stamp,
-    user_stripe: usize,
 }
 
 impl Principal {
-    fn from_resolved(r: &Resolved, routes: &RouteTable, fetched_ms: u64) -> Principal {
-        let header = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static(""));
-        Principal {
-            user_id: Arc::from(r.user.id.as_str()),
-            user_id_header: header(&r.user.id),
-            tenant_header: header(&r.user.tenant),
-            key_id_header: header(&r.key_id),
-            kind: r.user.kind,
-            disabled: r.user.disabled,
-            grants: routes.compile_grants(&r.user.grants),
-            deadline_ms: r.deadline_ms,
-            access_token: r.access_token,
-            key_hash: r.key_hash,
-            use_noted_ms: AtomicU64::new(0),
-            fetched_ms,
-            stamp: Stamp {
-                global: 0,
-                key: 0,
-                user: 0,
-            },
-            user_stripe: user_stripe(&r.user.id),
-        }
-    }
-
     /// Whether the token still authenticates at `now_ms`.
     pub fn valid_at(&self, now_ms: u64) -> bool {
-        !self.disabled && self.deadline_ms.is_none_or(|d| now_ms < d)
+        !self.user.disabled && now_ms < self.deadline_ms
+    }
+
+    /// The instant from which the token is refused, if it has one.
+    pub fn deadline_ms(&self) -> Option<u64> {
+        (self.deadline_ms != u64::MAX).then_some(self.deadline_ms)
+    }
+
+    /// Authenticated by an access token of the deprecated flow, not a secret key.
+    pub fn access_token(&self) -> bool {
+        self.parent.is_some()
+    }
+
+    pub fn user_id(&self) -> &str {
+        self.user.user_id()
+    }
+}
+
+/// Interns [`Identity`] values by content, so that the cached tokens of one user share
+/// one. Holds only weak references: an identity lives as long as a cached token uses it.
+/// Used on cache misses only.
+#[derive(Default)]
+struct Identities {
+    /// By a 64-bit hash of the user id; a collision only costs the sharing.
+    map: HashMap<u64, Weak<Identity>>,
+    /// Dead references are dropped when the map reaches this size.
+    prune_at: usize,
+}
+
+impl Identities {
+    /// The shared identity equal to `id`, or `id` itself, now shared.
+    fn intern(&mut self, key: u64, id: Identity) -> Arc<Identity> {
+        if let Some(shared) = self.map.get(&key).and_then(Weak::upgrade)
+            && *shared == id
+        {
+            return shared;
+        }
+        if self.map.len() >= self.prune_at {
+            self.map.retain(|_, w| w.strong_count() > 0);
+            self.prune_at = (self.map.len() * 2).max(1024);
+        }
+        let id = Arc::new(id);
+        self.map.insert(key, Arc::downgrade(&id));
+        id
     }
 }
 
@@ -225,13 +261,22 @@ fn key_stripe(hash: &TokenHash) -> usize {
     (usize::from(hash.0[8]) << 8 | usize::from(hash.0[9])) & (STRIPES - 1)
 }
 
-fn user_stripe(id: &str) -> usize {
-    // FNV-1a: stable, and user ids are not attacker-chosen at request time.
-    let mut h: u32 = 0x811c_9dc5;
+/// FNV-1a: stable, and user ids are not attacker-chosen at request time.
+fn user_hash(id: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in id.bytes() {
-        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
     }
-    (h as usize) & (STRIPES - 1)
+    h
+}
+
+fn user_stripe(id: &str) -> usize {
+    stripe_of(user_hash(id))
+}
+
+fn stripe_of(user_hash: u64) -> usize {
+    // The high bits: FNV-1a's low bits mix the last bytes least.
+    (user_hash >> 32) as usize & (STRIPES - 1)
 }
 
 /// One thread's front map, tagged with the authenticator it belongs to.
@@ -260,6 +305,7 @@ pub struct Authenticator {
     stripes: Box<[AtomicU64]>,
     /// Bumped by every user invalidation, before the user's stripe.
     user_epoch: AtomicU64,
+    identities: parking_lot::Mutex<Identities>,
     lookups: Semaphore,
     metrics: Arc<Metrics>,
     /// Failed-authentication throttling per client address.
@@ -298,6 +344,7 @@ impl Authenticator {
             global: AtomicU64::new(0),
             stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             user_epoch: AtomicU64::new(0),
+            identities: parking_lot::Mutex::new(Identities::default()),
             lookups: Semaphore::new(MAX_INFLIGHT_LOOKUPS),
             metrics,
             throttle: Throttle::new(cfg.failure_limit, cfg.failure_window, 100_000),
@@ -309,7 +356,8 @@ impl Authenticator {
     /// Queues a use of the principal's key for recording, at most once per
     /// [`USE_RESOLUTION_MS`]: on the request path this is one atomic load. A full queue
     /// drops the use (the next one a minute later records it).
-    pub fn note_use(&self, p: &Principal, now: u64) {
+    /// `hash` is the token the principal was resolved from.
+    pub fn note_use(&self, p: &Principal, hash: &TokenHash, now: u64) {
         let noted = p.use_noted_ms.load(Ordering::Relaxed);
         if now < noted.saturating_add(USE_RESOLUTION_MS)
             || p.use_noted_ms
@@ -319,8 +367,8 @@ impl Authenticator {
             return;
         }
         let _ = self.uses.try_send(KeyUse {
-            user_id: p.user_id.to_string(),
-            key_hash: p.key_hash,
+            user_id: p.user_id().to_owned(),
+            key_hash: p.parent.as_deref().copied().unwrap_or(*hash),
             at_ms: now,
         });
     }
@@ -346,7 +394,7 @@ impl Authenticator {
     }
 
     fn principal_valid(&self, hash: &TokenHash, p: &Principal) -> bool {
-        p.stamp == self.current_stamp(hash, Some(p.user_stripe))
+        p.stamp == self.current_stamp(hash, Some(usize::from(p.user.stripe)))
     }
 
     fn entry_valid(&self, hash: &TokenHash, e: &Entry) -> bool {
@@ -360,7 +408,7 @@ impl Authenticator {
     /// Whether a principal may be served as fresh at `now` (its stamps aside): within
     /// `cache_ttl` of its fetch and before its deadline.
     fn fresh(&self, p: &Principal, now: u64) -> bool {
-        now < p.fetched_ms.saturating_add(self.ttl_ms) && p.deadline_ms.is_none_or(|d| now < d)
+        now < p.fetched_ms.saturating_add(self.ttl_ms) && now < p.deadline_ms
     }
 
     /// Whether an entry may answer at `now` without asking the store: valid, and for a
@@ -518,17 +566,27 @@ impl Authenticator {
         self.metrics.store_lookup_seconds.observe(started.elapsed());
         match result {
             Ok(Some(resolved)) => {
-                let mut p = Principal::from_resolved(&resolved, routes, now_ms());
+                let fetched_ms = now_ms();
+                let user = self.identity(&resolved, routes);
                 // The user is known only now. Read its stripe, then the user epoch: an
                 // invalidation of any user since the lookup began shows in the epoch
                 // (bumped before the stripe), and then the entry is born invalid.
-                let user_gen = self.stripes[p.user_stripe].load(Ordering::Acquire);
+                let user_gen = self.stripes[usize::from(user.stripe)].load(Ordering::Acquire);
                 let user_changed = self.user_epoch.load(Ordering::Acquire) != epoch;
-                p.stamp = Stamp {
-                    user: if user_changed { u64::MAX } else { user_gen },
-                    ..key_only
-                };
-                Ok(Entry::Known(Arc::new(p)))
+                let header =
+                    |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static(""));
+                Ok(Entry::Known(Arc::new(Principal {
+                    user,
+                    key_id_header: header(&resolved.key_id),
+                    deadline_ms: resolved.deadline_ms.unwrap_or(u64::MAX),
+                    parent: resolved.access_token.then(|| Box::new(resolved.key_hash)),
+                    use_noted_ms: AtomicU64::new(0),
+                    fetched_ms,
+                    stamp: Stamp {
+                        user: if user_changed { u64::MAX } else { user_gen },
+                        ..key_only
+                    },
+                })))
             }
             Ok(None) => Ok(Entry::Unknown { stamp: key_only }),
             Err(e) => {
@@ -537,6 +595,23 @@ impl Authenticator {
                 Err(e)
             }
         }
+    }
+
+    /// The user of a store answer, shared with the user's other cached tokens when the
+    /// record is the same.
+    fn identity(&self, r: &Resolved, routes: &RouteTable) -> Arc<Identity> {
+        let header = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static(""));
+        let key = user_hash(&r.user.id);
+        let id = Identity {
+            user_id_header: header(&r.user.id),
+            tenant_header: header(&r.user.tenant),
+            kind: r.user.kind,
+            disabled: r.user.disabled,
+            grants: routes.compile_grants(&r.user.grants),
+            // STRIPES fits in u16.
+            stripe: u16::try_from(stripe_of(key)).unwrap_or(0),
+        };
+        self.identities.lock().intern(key, id)
     }
 
     /// Applies an invalidation from the store. The generation is bumped first, so every
@@ -667,7 +742,7 @@ mod tests {
             .resolve(&f.token, &f.routes)
             .await
             .expect("still known");
-        assert!(p.disabled, "reloaded after the user invalidation");
+        assert!(p.user.disabled, "reloaded after the user invalidation");
     }
 
     #[tokio::test]
@@ -682,6 +757,35 @@ mod tests {
         let lookups = f.auth.metrics.store_lookups.get();
         f.auth.resolve(&f.token, &f.routes).await.expect("known");
         assert_eq!(f.auth.metrics.store_lookups.get(), lookups + 1, "reloaded");
+    }
+
+    #[tokio::test]
+    async fn keys_of_one_user_share_its_identity_until_the_record_changes() {
+        let f = fixture().await;
+        let (token, key_id) = generate_secret_key();
+        let second = TokenHash::of(token.as_bytes());
+        f.auth
+            .store()
+            .add_key("u1", second, &key_id)
+            .await
+            .expect("key 2");
+        let a = f.auth.resolve(&f.token, &f.routes).await.expect("key 1");
+        let b = f.auth.resolve(&second, &f.routes).await.expect("key 2");
+        assert!(Arc::ptr_eq(&a.user, &b.user), "one identity for both keys");
+        assert_ne!(a.key_id_header, b.key_id_header);
+        assert_eq!(a.user_id(), "u1");
+
+        f.auth
+            .store()
+            .set_disabled("u1", true)
+            .await
+            .expect("disable");
+        f.auth.invalidate(&Invalidation::User("u1".into())).await;
+        let c = f.auth.resolve(&second, &f.routes).await.expect("key 2");
+        assert!(
+            c.user.disabled && !a.user.disabled,
+            "a changed record is not shared"
+        );
     }
 
     #[test]
