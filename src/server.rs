@@ -520,7 +520,8 @@ async fn record_uses(
     }
 }
 
-/// Once a second: re-reads the TLS files if they changed, and samples the cache size.
+/// Once a second: re-reads the TLS files if they changed, sweeps one shard of the auth
+/// cache, and samples the cache size.
 async fn housekeeping(gate: Arc<Gate>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -542,6 +543,7 @@ async fn housekeeping(gate: Arc<Gate>, mut shutdown: watch::Receiver<bool>) {
                 }
             }
         }
+        gate.auth.sweep();
         gate.metrics.cache_entries.set(gate.auth.entry_count());
     }
 }

@@ -31,10 +31,9 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use http::HeaderValue;
-use moka::Expiry;
-use moka::future::Cache;
 use tokio::sync::{Semaphore, mpsc};
 
+use crate::auth::table::{self, Join, Table};
 use crate::auth::throttle::Throttle;
 use crate::config::AuthConfig;
 use crate::routes::{ApiSet, RouteTable};
@@ -156,19 +155,28 @@ impl Identities {
     }
 }
 
-#[derive(Debug, Clone)]
+/// A cached answer of the store.
 enum Entry {
-    /// Fresh for `cache_ttl` after its fetch; kept as the stale copy after that.
+    /// Fresh for `cache_ttl` after its fetch and before its deadline; kept after that as
+    /// the stale copy, for `stale_if_error` after its fetch.
     Known(Arc<Principal>),
-    Unknown {
-        stamp: Stamp,
-    },
-    /// The store failed or shed the lookup. Never fresh: it carries the failure to the
-    /// requests that waited on the same lookup, and keeps the stale copy (if any) that
-    /// it replaced, so that an outage does not lose it.
-    Failed {
-        stale: Option<Arc<Principal>>,
-    },
+    /// The store does not know the token (boxed: rare, and keeps a slot at 48 bytes).
+    Unknown(Box<Negative>),
+}
+
+/// A negative entry: valid under its stamp until `until_ms`.
+struct Negative {
+    stamp: Stamp,
+    until_ms: u64,
+}
+
+/// What a store lookup gave, as handed to the requests that waited for it.
+#[derive(Clone)]
+enum Loaded {
+    Known(Arc<Principal>),
+    Unknown(Stamp),
+    /// The store failed or shed the lookup: never cached, the stale copy may answer.
+    Failed,
 }
 
 /// Why a token did not resolve to a principal.
@@ -178,47 +186,6 @@ pub enum AuthFailure {
     Unknown,
     /// The store could not answer and nothing usable is cached.
     Unavailable,
-}
-
-/// How long moka keeps an entry: a known key as long as its stale copy may serve
-/// (freshness, which ends at the grace deadline, is decided at read time). A stale copy
-/// past its deadline still answers "refused" while the store is down, not "unavailable".
-struct EntryExpiry {
-    negative_ttl: Duration,
-    /// `max(cache_ttl, stale_if_error)`.
-    keep_ms: u64,
-}
-
-impl EntryExpiry {
-    fn lifetime(&self, value: &Entry) -> Duration {
-        let known = |p: &Principal| {
-            let until = p.fetched_ms.saturating_add(self.keep_ms);
-            Duration::from_millis(until.saturating_sub(now_ms()))
-        };
-        match value {
-            Entry::Unknown { .. } => self.negative_ttl,
-            Entry::Failed { stale: None } => Duration::ZERO,
-            Entry::Failed { stale: Some(p) } | Entry::Known(p) => known(p),
-        }
-    }
-}
-
-impl Expiry<TokenHash, Entry> for EntryExpiry {
-    fn expire_after_create(&self, _: &TokenHash, value: &Entry, _: Instant) -> Option<Duration> {
-        Some(self.lifetime(value))
-    }
-
-    /// A stale entry is replaced in place (see `resolve`): the new answer gets its own
-    /// lifetime, not what was left of the old one's.
-    fn expire_after_update(
-        &self,
-        _: &TokenHash,
-        value: &Entry,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(self.lifetime(value))
-    }
 }
 
 /// Token hashes are SHA-256 outputs: their first 8 bytes are already a uniform hash.
@@ -294,11 +261,15 @@ static NEXT_AUTHENTICATOR_ID: AtomicUsize = AtomicUsize::new(1);
 
 pub struct Authenticator {
     id: usize,
-    keys: Cache<TokenHash, Entry, TokenHashBuilder>,
+    table: Table<Entry, Loaded>,
+    /// The shard the next [`Authenticator::sweep`] looks at.
+    sweep_next: AtomicUsize,
     store: Store,
     store_timeout: Duration,
     /// `[auth] cache_ttl` in ms.
     ttl_ms: u64,
+    /// `[auth] negative_cache_ttl` in ms.
+    negative_ttl_ms: u64,
     /// `[auth] stale_if_error` in ms.
     stale_ms: u64,
     global: AtomicU64,
@@ -326,20 +297,15 @@ impl Authenticator {
     ) -> Self {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let (ttl_ms, stale_ms) = (ms(cfg.cache_ttl), ms(cfg.stale_if_error));
-        let keys = Cache::builder()
-            .max_capacity(cfg.cache_capacity)
-            .expire_after(EntryExpiry {
-                negative_ttl: cfg.negative_cache_ttl,
-                keep_ms: ttl_ms.max(stale_ms),
-            })
-            .build_with_hasher(TokenHashBuilder);
         let (uses, uses_rx) = mpsc::channel(4096);
         Authenticator {
             id: NEXT_AUTHENTICATOR_ID.fetch_add(1, Ordering::Relaxed),
-            keys,
+            table: Table::new(cfg.cache_capacity),
+            sweep_next: AtomicUsize::new(0),
             store,
             store_timeout,
             ttl_ms,
+            negative_ttl_ms: ms(cfg.negative_cache_ttl),
             stale_ms,
             global: AtomicU64::new(0),
             stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
@@ -397,36 +363,43 @@ impl Authenticator {
         p.stamp == self.current_stamp(hash, Some(usize::from(p.user.stripe)))
     }
 
-    fn entry_valid(&self, hash: &TokenHash, e: &Entry) -> bool {
-        match e {
-            Entry::Known(p) => self.principal_valid(hash, p),
-            Entry::Unknown { stamp } => *stamp == self.current_stamp(hash, None),
-            Entry::Failed { .. } => false,
-        }
-    }
-
     /// Whether a principal may be served as fresh at `now` (its stamps aside): within
     /// `cache_ttl` of its fetch and before its deadline.
     fn fresh(&self, p: &Principal, now: u64) -> bool {
         now < p.fetched_ms.saturating_add(self.ttl_ms) && now < p.deadline_ms
     }
 
-    /// Whether an entry may answer at `now` without asking the store: valid, and for a
-    /// known key not past `cache_ttl` (moka expires negative entries by itself).
-    fn entry_fresh(&self, hash: &TokenHash, e: &Entry, now: u64) -> bool {
-        self.entry_valid(hash, e) && !matches!(e, Entry::Known(p) if !self.fresh(p, now))
-    }
-
-    /// The copy of a known key an entry keeps for serving while the store is down.
-    fn stale_copy(&self, e: Option<&Entry>, now: u64) -> Option<Arc<Principal>> {
-        match e? {
-            Entry::Known(p) | Entry::Failed { stale: Some(p) }
-                if now < p.fetched_ms.saturating_add(self.stale_ms) =>
-            {
-                Some(p.clone())
+    /// The answer an entry gives at `now` without asking the store, if it gives one.
+    fn cached_answer(
+        &self,
+        hash: &TokenHash,
+        e: &Entry,
+        now: u64,
+    ) -> Option<Result<Arc<Principal>, AuthFailure>> {
+        match e {
+            Entry::Known(p) if self.fresh(p, now) && self.principal_valid(hash, p) => {
+                Some(Ok(p.clone()))
+            }
+            Entry::Unknown(n) if now < n.until_ms && n.stamp == self.current_stamp(hash, None) => {
+                Some(Err(AuthFailure::Unknown))
             }
             _ => None,
         }
+    }
+
+    /// Whether an entry can never answer again, fresh or stale: eviction takes it first.
+    fn dead(&self, hash: &TokenHash, e: &Entry, now: u64) -> bool {
+        match e {
+            Entry::Known(p) => {
+                now >= p.fetched_ms.saturating_add(self.keep_ms()) || !self.principal_valid(hash, p)
+            }
+            Entry::Unknown(n) => now >= n.until_ms || n.stamp != self.current_stamp(hash, None),
+        }
+    }
+
+    /// How long a known entry is kept: as long as it is fresh or may serve as stale.
+    fn keep_ms(&self) -> u64 {
+        self.ttl_ms.max(self.stale_ms)
     }
 
     /// Resolves a token hash to its principal: from the cache, else from the store.
@@ -441,69 +414,77 @@ impl Authenticator {
             self.metrics.cache_hits.inc();
             return Ok(p);
         }
-        let mut cached = self.keys.get(hash).await;
-        if let Some(entry) = &cached
-            && self.entry_fresh(hash, entry, now)
-        {
+        if let Some(Some(answer)) = self.table.read(hash, |e| self.cached_answer(hash, e, now)) {
             self.metrics.cache_hits.inc();
-            return self.answer(hash, entry.clone());
+            return self.answer(hash, answer);
         }
         self.metrics.cache_misses.inc();
-        // A stale entry is replaced, never removed: a removal could hit the newer answer
-        // another request just loaded, and each such miss would cost one more lookup
-        // (hundreds, for a hot key found stale by a burst of requests).
         for _ in 0..RACE_RETRIES {
-            let stale = self.stale_copy(cached.as_ref(), now);
-            let entry = self
-                .keys
-                .entry_by_ref(hash)
-                .or_insert_with_if(self.load_entry(hash, routes, stale), |e| {
-                    !self.entry_fresh(hash, e, now_ms())
-                })
-                .await
-                .into_value();
-            match entry {
-                Entry::Failed { stale } => return self.serve_stale(hash, stale),
-                entry if self.entry_valid(hash, &entry) => return self.answer(hash, entry),
-                // Overtaken by an invalidation while loading: the next round replaces it.
-                entry => cached = Some(entry),
+            let loaded = match self
+                .table
+                .join(hash, |e| self.cached_answer(hash, e, now_ms()))
+            {
+                // Answered by a lookup that ended since the read above.
+                Join::Ready(answer) => return self.answer(hash, answer),
+                // A lookup that was cancelled counts as one more round.
+                Join::Wait(rx) => match table::wait(rx).await {
+                    Some(loaded) => loaded,
+                    None => continue,
+                },
+                Join::Lead(flight) => {
+                    let loaded = self.load(hash, routes).await;
+                    // Only a valid answer is stored; a failure leaves the stale copy.
+                    let entry = match &loaded {
+                        Loaded::Known(p) if self.principal_valid(hash, p) => {
+                            Some(Entry::Known(p.clone()))
+                        }
+                        Loaded::Unknown(stamp) if *stamp == self.current_stamp(hash, None) => {
+                            Some(Entry::Unknown(Box::new(Negative {
+                                stamp: *stamp,
+                                until_ms: now_ms().saturating_add(self.negative_ttl_ms),
+                            })))
+                        }
+                        _ => None,
+                    };
+                    let now = now_ms();
+                    flight.land(entry, loaded.clone(), |h, e| self.dead(h, e, now));
+                    loaded
+                }
+            };
+            match loaded {
+                Loaded::Failed => return self.serve_stale(hash),
+                Loaded::Known(p) if self.principal_valid(hash, &p) => {
+                    return self.answer(hash, Ok(p));
+                }
+                Loaded::Unknown(stamp) if stamp == self.current_stamp(hash, None) => {
+                    return Err(AuthFailure::Unknown);
+                }
+                // Overtaken by an invalidation while loading: load again.
+                _ => {}
             }
         }
         // Invalidations keep racing this key: answer from a direct, uncached lookup,
         // unless that one was overtaken too (never fail open).
         match self.load(hash, routes).await {
-            Ok(entry) if !self.entry_valid(hash, &entry) => Err(AuthFailure::Unavailable),
-            Ok(Entry::Known(p)) => Ok(p),
-            Ok(Entry::Unknown { .. }) => Err(AuthFailure::Unknown),
-            Ok(Entry::Failed { .. }) | Err(_) => {
-                self.serve_stale(hash, self.stale_copy(cached.as_ref(), now_ms()))
+            Loaded::Known(p) if self.principal_valid(hash, &p) => Ok(p),
+            Loaded::Unknown(stamp) if stamp == self.current_stamp(hash, None) => {
+                Err(AuthFailure::Unknown)
             }
+            Loaded::Failed => self.serve_stale(hash),
+            _ => Err(AuthFailure::Unavailable),
         }
     }
 
-    /// A valid entry as the answer to a request, remembered in this thread's front map.
-    fn answer(&self, hash: &TokenHash, entry: Entry) -> Result<Arc<Principal>, AuthFailure> {
-        match entry {
-            Entry::Known(p) => {
-                self.front_put(hash, &p);
-                Ok(p)
-            }
-            Entry::Unknown { .. } => Err(AuthFailure::Unknown),
-            Entry::Failed { .. } => Err(AuthFailure::Unavailable),
-        }
-    }
-
-    /// [`Authenticator::load`] as a cache value: a failure becomes [`Entry::Failed`],
-    /// which keeps the stale copy of the entry it replaces.
-    async fn load_entry(
+    /// An answer to a request; a principal is remembered in this thread's front map.
+    fn answer(
         &self,
         hash: &TokenHash,
-        routes: &RouteTable,
-        stale: Option<Arc<Principal>>,
-    ) -> Entry {
-        self.load(hash, routes)
-            .await
-            .unwrap_or(Entry::Failed { stale })
+        answer: Result<Arc<Principal>, AuthFailure>,
+    ) -> Result<Arc<Principal>, AuthFailure> {
+        if let Ok(p) = &answer {
+            self.front_put(hash, p);
+        }
+        answer
     }
 
     fn front_get(&self, hash: &TokenHash, now: u64) -> Option<Arc<Principal>> {
@@ -528,34 +509,38 @@ impl Authenticator {
         });
     }
 
-    /// The answer while the store is down: the stale copy if it is still valid, else
-    /// "unavailable" (never fail open).
-    fn serve_stale(
-        &self,
-        hash: &TokenHash,
-        stale: Option<Arc<Principal>>,
-    ) -> Result<Arc<Principal>, AuthFailure> {
-        match stale {
-            Some(p)
-                if self.principal_valid(hash, &p)
-                    && now_ms() < p.fetched_ms.saturating_add(self.stale_ms) =>
+    /// The answer while the store is down: the cached copy of a known key if it is
+    /// still valid and within `stale_if_error` of its fetch, else "unavailable" (never
+    /// fail open). The caller still checks its deadline.
+    fn serve_stale(&self, hash: &TokenHash) -> Result<Arc<Principal>, AuthFailure> {
+        let now = now_ms();
+        let stale = self.table.read(hash, |e| match e {
+            Entry::Known(p)
+                if now < p.fetched_ms.saturating_add(self.stale_ms)
+                    && self.principal_valid(hash, p) =>
             {
+                Some(p.clone())
+            }
+            _ => None,
+        });
+        match stale.flatten() {
+            Some(p) => {
                 self.metrics.stale_served.inc();
                 Ok(p)
             }
-            _ => Err(AuthFailure::Unavailable),
+            None => Err(AuthFailure::Unavailable),
         }
     }
 
-    async fn load(&self, hash: &TokenHash, routes: &RouteTable) -> Result<Entry, StoreError> {
+    /// One store lookup, stamped with the generations from before it began.
+    async fn load(&self, hash: &TokenHash, routes: &RouteTable) -> Loaded {
         // Stamped before the lookup starts: an invalidation during it voids the answer.
         let key_only = self.current_stamp(hash, None);
         let epoch = self.user_epoch.load(Ordering::Acquire);
         let Ok(_permit) = self.lookups.try_acquire() else {
+            // Shed instead of queueing behind a slow store.
             self.metrics.store_errors.inc();
-            return Err(StoreError::Unavailable(
-                "too many store lookups in flight".into(),
-            ));
+            return Loaded::Failed;
         };
         self.metrics.store_lookups.inc();
         let started = Instant::now();
@@ -575,7 +560,7 @@ impl Authenticator {
                 let user_changed = self.user_epoch.load(Ordering::Acquire) != epoch;
                 let header =
                     |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static(""));
-                Ok(Entry::Known(Arc::new(Principal {
+                Loaded::Known(Arc::new(Principal {
                     user,
                     key_id_header: header(&resolved.key_id),
                     deadline_ms: resolved.deadline_ms.unwrap_or(u64::MAX),
@@ -586,13 +571,13 @@ impl Authenticator {
                         user: if user_changed { u64::MAX } else { user_gen },
                         ..key_only
                     },
-                })))
+                }))
             }
-            Ok(None) => Ok(Entry::Unknown { stamp: key_only }),
+            Ok(None) => Loaded::Unknown(key_only),
             Err(e) => {
                 self.metrics.store_errors.inc();
                 tracing::warn!(error = %e, "store lookup failed");
-                Err(e)
+                Loaded::Failed
             }
         }
     }
@@ -621,7 +606,7 @@ impl Authenticator {
         match what {
             Invalidation::Key(hash) => {
                 self.stripes[key_stripe(hash)].fetch_add(1, Ordering::AcqRel);
-                self.keys.invalidate(hash).await;
+                self.table.remove(hash);
             }
             Invalidation::User(id) => {
                 // Entries of this user (and of the few others sharing its stripe) fail
@@ -637,14 +622,24 @@ impl Authenticator {
     /// Drops every cached answer, positive, negative and stale.
     pub fn flush_all(&self, reason: &'static str) {
         self.global.fetch_add(1, Ordering::AcqRel);
-        self.keys.invalidate_all();
+        self.table.clear();
         self.metrics.flush(reason);
         tracing::info!(reason, "auth cache flushed");
     }
 
-    /// Entries in the shared cache (approximate: moka counts lazily).
+    /// Entries in the shared cache.
     pub fn entry_count(&self) -> u64 {
-        self.keys.entry_count()
+        u64::try_from(self.table.len()).unwrap_or(u64::MAX)
+    }
+
+    /// Drops the expired and invalidated entries of the next shard of the shared cache,
+    /// so that their memory does not wait for eviction. Every answer is checked at read
+    /// time anyway: this is about memory, not correctness. A full pass takes as many
+    /// calls as there are shards (64 at the default capacity).
+    pub fn sweep(&self) {
+        let n = self.sweep_next.fetch_add(1, Ordering::Relaxed);
+        let now = now_ms();
+        self.table.sweep(n, |hash, e| self.dead(hash, e, now));
     }
 }
 
@@ -749,14 +744,40 @@ mod tests {
     async fn a_load_stamped_before_an_invalidation_is_never_valid() {
         let f = fixture().await;
         // A load that began before an invalidation of its key...
-        let entry = f.auth.load(&f.token, &f.routes).await.expect("load");
+        let Loaded::Known(p) = f.auth.load(&f.token, &f.routes).await else {
+            panic!("known key");
+        };
         f.auth.invalidate(&Invalidation::Key(f.token)).await;
         // ...is refused by validation wherever it is found, however late it is inserted.
-        assert!(!f.auth.entry_valid(&f.token, &entry));
-        f.auth.keys.insert(f.token, entry).await;
+        assert!(!f.auth.principal_valid(&f.token, &p));
+        f.auth.table.insert(&f.token, Entry::Known(p), |_, _| false);
         let lookups = f.auth.metrics.store_lookups.get();
         f.auth.resolve(&f.token, &f.routes).await.expect("known");
         assert_eq!(f.auth.metrics.store_lookups.get(), lookups + 1, "reloaded");
+    }
+
+    #[tokio::test]
+    async fn unknown_tokens_are_cached_negatively_and_sweeps_keep_live_entries() {
+        let f = fixture().await;
+        let unknown = TokenHash::of(b"not a key");
+        for _ in 0..3 {
+            assert_eq!(
+                f.auth.resolve(&unknown, &f.routes).await.err(),
+                Some(AuthFailure::Unknown)
+            );
+        }
+        f.auth.resolve(&f.token, &f.routes).await.expect("known");
+        assert_eq!(f.auth.metrics.store_lookups.get(), 2, "one lookup each");
+        assert_eq!(f.auth.entry_count(), 2);
+        for _ in 0..f.auth.table.shard_count() {
+            f.auth.sweep();
+        }
+        assert_eq!(f.auth.entry_count(), 2, "nothing expired yet");
+        f.auth.invalidate(&Invalidation::User("u1".into())).await;
+        for _ in 0..f.auth.table.shard_count() {
+            f.auth.sweep();
+        }
+        assert_eq!(f.auth.entry_count(), 1, "the invalidated entry is swept");
     }
 
     #[tokio::test]
