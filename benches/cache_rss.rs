@@ -73,7 +73,7 @@ fn main() {
     });
     assert_eq!(missing, 0, "every key resolves");
     let fill = started.elapsed();
-    // A second pass counts what stayed cached (moka may refuse or evict at capacity).
+    // A second pass counts what stayed cached (the table evicts at capacity).
     let misses_before = metrics.cache_misses.get();
     rt.block_on(async {
         for i in 0..keys {

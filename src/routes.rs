@@ -33,25 +33,25 @@ pub struct ApiId(pub u16);
 /// Set of API ids (a grant set compiled to a bitset). Checking membership does not
 /// allocate.
 ///
-/// Ids below [`ApiSet::INLINE`] live in the value itself (one cached principal per user
-/// holds one, so no allocation for the usual route table); a set with a larger member
-/// moves to a boxed bitset as long as its largest member needs. Neither form ever shrinks
-/// (there is no removal), so two sets with the same members are equal.
+/// Ids below [`ApiSet::INLINE`] live in the value itself (16 bytes in all; every cached
+/// user holds one, so no allocation for the usual route table); a set with a larger
+/// member moves to a boxed bitset as long as its largest member needs. Neither form ever
+/// shrinks (there is no removal), so two sets with the same members are equal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiSet {
-    Inline([u64; 2]),
+    Inline(u64),
     Boxed(Box<[u64]>),
 }
 
 impl Default for ApiSet {
     fn default() -> Self {
-        ApiSet::Inline([0; 2])
+        ApiSet::Inline(0)
     }
 }
 
 impl ApiSet {
     /// Ids below this are held without an allocation.
-    pub const INLINE: u16 = 128;
+    pub const INLINE: u16 = 64;
 
     /// Whether `id` is in the set.
     pub fn contains(&self, id: ApiId) -> bool {
@@ -68,7 +68,7 @@ impl ApiSet {
             *self = ApiSet::Boxed(words.into_boxed_slice());
         }
         let words = match self {
-            ApiSet::Inline(w) => &mut w[..],
+            ApiSet::Inline(w) => std::slice::from_mut(w),
             ApiSet::Boxed(w) => &mut w[..],
         };
         if let Some(w) = words.get_mut(word) {
@@ -83,7 +83,7 @@ impl ApiSet {
 
     fn words(&self) -> &[u64] {
         match self {
-            ApiSet::Inline(w) => w,
+            ApiSet::Inline(w) => std::slice::from_ref(w),
             ApiSet::Boxed(w) => w,
         }
     }
@@ -987,17 +987,17 @@ mod tests {
     }
 
     #[test]
-    fn api_set_stays_inline_below_128() {
+    fn api_set_stays_inline_below_64() {
         let mut set = ApiSet::default();
         set.insert(ApiId(0));
-        set.insert(ApiId(127));
+        set.insert(ApiId(63));
         assert!(matches!(set, ApiSet::Inline(_)));
-        assert!(set.contains(ApiId(127)) && !set.contains(ApiId(126)));
-        assert!(!set.contains(ApiId(128)));
-        set.insert(ApiId(128));
+        assert!(set.contains(ApiId(63)) && !set.contains(ApiId(62)));
+        assert!(!set.contains(ApiId(64)));
+        set.insert(ApiId(64));
         assert!(matches!(set, ApiSet::Boxed(_)));
-        assert!(set.contains(ApiId(0)) && set.contains(ApiId(127)) && set.contains(ApiId(128)));
-        assert_eq!(std::mem::size_of::<ApiSet>(), 24);
+        assert!(set.contains(ApiId(0)) && set.contains(ApiId(63)) && set.contains(ApiId(64)));
+        assert_eq!(std::mem::size_of::<ApiSet>(), 16);
     }
 
     #[test]

@@ -641,7 +641,7 @@ async fn handle(
             );
             h.insert(
                 policy.identity.tenant.clone(),
-                principal.user.tenant_header.clone(),
+                HeaderValue::clone(&principal.user.tenant_header),
             );
             h.insert(policy.identity.api.clone(), policy.api_header(api));
             h.insert(

@@ -3,14 +3,16 @@
 //!
 //! Layers, fastest first:
 //! 1. a per-thread front map (no lock, no shared write) of recently used principals;
-//! 2. moka, shared: hard TTLs, per-entry expiry at grace deadlines, coalesced loads;
+//! 2. a shared table ([`super::table`]): capacity-bound, coalesced loads;
 //! 3. the store.
 //!
-//! Validity is decided at read time by *stamps*, not by when an entry was inserted:
-//! every entry records, from before its store lookup began, the generation of the
-//! stripe of its token hash, of the stripe of its user id, and the global generation.
-//! An invalidation bumps the matching generation first, so every copy loaded before it
-//! (in moka, in any thread's front, or still in flight) fails validation from that
+//! Expiry and validity are decided at read time, from what each entry carries, not by
+//! timers: its fetch time (`cache_ttl`, `stale_if_error`), its grace deadline, and its
+//! *stamp*: the sum of the generations, from before its store lookup began, of the
+//! stripe of its token hash, of the stripe of its user id, and of the whole cache. The
+//! generations only grow, so the sum changes exactly when one of them does. An
+//! invalidation bumps the matching generation first, so every copy loaded before it
+//! (in the table, in any thread's front, or still in flight) fails validation from that
 //! instant on. This is what keeps a revocation that races a lookup of the same key from
 //! leaving the old answer in use. Key and user invalidations touch one stripe of 4096,
 //! so a revocation storm leaves the other keys' entries valid.
@@ -21,10 +23,17 @@
 //! `stale_if_error` of the last successful fetch a known key keeps serving from the
 //! stale copy, still subject to its deadline and to invalidations. The stale copy is the
 //! cached entry itself, kept past `cache_ttl` (up to `stale_if_error`) but no longer
-//! served as fresh: one entry per key, not two.
+//! served as fresh: one entry per key, not two. Entries that can no longer answer are
+//! evicted first and swept (see [`Authenticator::sweep`]).
+//!
+//! Memory: a key costs its table slot (48 bytes and ~10 of index), its [`Principal`]
+//! and key-id header, and a share of its user's [`Identity`], which the user's keys have
+//! in common; tenants' header values are shared by all their users.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+
+use hashbrown::HashTable;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -54,24 +63,21 @@ const MAX_INFLIGHT_LOOKUPS: usize = 256;
 /// uncached lookup (whose answer is still refused if it raced too).
 const RACE_RETRIES: usize = 3;
 
-/// The generations an entry was loaded under.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    global: u64,
-    key: u64,
-    /// `u64::MAX` for entries without a user (negative entries).
-    user: u64,
-}
+/// The sum of the generations an entry was loaded under (global, key stripe, and for
+/// a known key its user's stripe). Every generation only grows, so the sum read later
+/// equals it exactly when none has moved. `u64::MAX`: born invalid.
+type Stamp = u64;
 
 /// The user a token authenticates as, compiled for the request path: the identity
 /// headers built once, grants compiled against the route table. Immutable, and shared
 /// by every cached token of the user whose lookup returned the same record (see
-/// [`Identities`]), so a user's keys hold one copy between them.
+/// [`Interned`]), so a user's keys hold one copy between them.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Identity {
     /// The user id, as forwarded in the identity header (and the only copy of it).
     pub user_id_header: HeaderValue,
-    pub tenant_header: HeaderValue,
+    /// Shared by every identity of the tenant.
+    pub tenant_header: Arc<HeaderValue>,
     pub kind: UserType,
     pub disabled: bool,
     pub grants: ApiSet,
@@ -126,33 +132,50 @@ impl Principal {
     }
 }
 
-/// Interns [`Identity`] values by content, so that the cached tokens of one user share
-/// one. Holds only weak references: an identity lives as long as a cached token uses it.
+/// Shares equal immutable values: the identities of a user's keys, the tenant header
+/// of its users. Holds weak references only (8 bytes each): a value lives as long as a
+/// cached token uses it, and dead references are dropped before the table would grow.
 /// Used on cache misses only.
-#[derive(Default)]
-struct Identities {
-    /// By a 64-bit hash of the user id; a collision only costs the sharing.
-    map: HashMap<u64, Weak<Identity>>,
-    /// Dead references are dropped when the map reaches this size.
-    prune_at: usize,
+struct Interned<T> {
+    table: HashTable<Weak<T>>,
+    /// The hash a value is found by; must agree with the one `intern` is given.
+    hash_of: fn(&T) -> u64,
 }
 
-impl Identities {
-    /// The shared identity equal to `id`, or `id` itself, now shared.
-    fn intern(&mut self, key: u64, id: Identity) -> Arc<Identity> {
-        if let Some(shared) = self.map.get(&key).and_then(Weak::upgrade)
-            && *shared == id
-        {
+impl<T: PartialEq> Interned<T> {
+    fn new(hash_of: fn(&T) -> u64) -> Self {
+        Interned {
+            table: HashTable::new(),
+            hash_of,
+        }
+    }
+
+    /// The shared value equal to `value`, or `value` itself, now shared.
+    fn intern(&mut self, hash: u64, value: T) -> Arc<T> {
+        let found = self
+            .table
+            .find(hash, |w| w.upgrade().is_some_and(|s| *s == value))
+            .and_then(Weak::upgrade);
+        if let Some(shared) = found {
             return shared;
         }
-        if self.map.len() >= self.prune_at {
-            self.map.retain(|_, w| w.strong_count() > 0);
-            self.prune_at = (self.map.len() * 2).max(1024);
+        if self.table.len() == self.table.capacity() {
+            self.table.retain(|w| w.strong_count() > 0);
         }
-        let id = Arc::new(id);
-        self.map.insert(key, Arc::downgrade(&id));
-        id
+        let value = Arc::new(value);
+        let hash_of = self.hash_of;
+        // A reference that died since the `retain` has no hash left: any place will do.
+        self.table.insert_unique(hash, Arc::downgrade(&value), |w| {
+            w.upgrade().map_or(0, |v| hash_of(&v))
+        });
+        value
     }
+}
+
+/// The shared users and tenants of the cached tokens.
+struct Interners {
+    identities: Interned<Identity>,
+    tenants: Interned<HeaderValue>,
 }
 
 /// A cached answer of the store.
@@ -228,17 +251,17 @@ fn key_stripe(hash: &TokenHash) -> usize {
     (usize::from(hash.0[8]) << 8 | usize::from(hash.0[9])) & (STRIPES - 1)
 }
 
-/// FNV-1a: stable, and user ids are not attacker-chosen at request time.
-fn user_hash(id: &str) -> u64 {
+/// FNV-1a: stable, and user ids and tenants are not attacker-chosen at request time.
+fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in id.bytes() {
+    for &b in bytes {
         h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
     }
     h
 }
 
 fn user_stripe(id: &str) -> usize {
-    stripe_of(user_hash(id))
+    stripe_of(fnv1a(id.as_bytes()))
 }
 
 fn stripe_of(user_hash: u64) -> usize {
@@ -276,7 +299,7 @@ pub struct Authenticator {
     stripes: Box<[AtomicU64]>,
     /// Bumped by every user invalidation, before the user's stripe.
     user_epoch: AtomicU64,
-    identities: parking_lot::Mutex<Identities>,
+    interned: parking_lot::Mutex<Interners>,
     lookups: Semaphore,
     metrics: Arc<Metrics>,
     /// Failed-authentication throttling per client address.
@@ -310,7 +333,10 @@ impl Authenticator {
             global: AtomicU64::new(0),
             stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             user_epoch: AtomicU64::new(0),
-            identities: parking_lot::Mutex::new(Identities::default()),
+            interned: parking_lot::Mutex::new(Interners {
+                identities: Interned::new(|id| fnv1a(id.user_id_header.as_bytes())),
+                tenants: Interned::new(|t| fnv1a(t.as_bytes())),
+            }),
             lookups: Semaphore::new(MAX_INFLIGHT_LOOKUPS),
             metrics,
             throttle: Throttle::new(cfg.failure_limit, cfg.failure_window, 100_000),
@@ -352,11 +378,13 @@ impl Authenticator {
     }
 
     fn current_stamp(&self, hash: &TokenHash, user_stripe: Option<usize>) -> Stamp {
-        Stamp {
-            global: self.global.load(Ordering::Acquire),
-            key: self.stripes[key_stripe(hash)].load(Ordering::Acquire),
-            user: user_stripe.map_or(u64::MAX, |s| self.stripes[s].load(Ordering::Acquire)),
-        }
+        let key_only = self
+            .global
+            .load(Ordering::Acquire)
+            .wrapping_add(self.stripes[key_stripe(hash)].load(Ordering::Acquire));
+        user_stripe.map_or(key_only, |s| {
+            key_only.wrapping_add(self.stripes[s].load(Ordering::Acquire))
+        })
     }
 
     fn principal_valid(&self, hash: &TokenHash, p: &Principal) -> bool {
@@ -567,9 +595,10 @@ impl Authenticator {
                     parent: resolved.access_token.then(|| Box::new(resolved.key_hash)),
                     use_noted_ms: AtomicU64::new(0),
                     fetched_ms,
-                    stamp: Stamp {
-                        user: if user_changed { u64::MAX } else { user_gen },
-                        ..key_only
+                    stamp: if user_changed {
+                        u64::MAX
+                    } else {
+                        key_only.wrapping_add(user_gen)
                     },
                 }))
             }
@@ -586,17 +615,26 @@ impl Authenticator {
     /// record is the same.
     fn identity(&self, r: &Resolved, routes: &RouteTable) -> Arc<Identity> {
         let header = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static(""));
-        let key = user_hash(&r.user.id);
+        let user_id_header = header(&r.user.id);
+        let tenant_header = header(&r.user.tenant);
+        let grants = routes.compile_grants(&r.user.grants);
+        let mut interned = self.interned.lock();
+        let tenant_header = interned
+            .tenants
+            .intern(fnv1a(tenant_header.as_bytes()), tenant_header);
+        // The stripe of the id as given; the header's bytes are the same unless the id
+        // is not a valid header value (then both are empty).
+        let key = fnv1a(user_id_header.as_bytes());
         let id = Identity {
-            user_id_header: header(&r.user.id),
-            tenant_header: header(&r.user.tenant),
+            user_id_header,
+            tenant_header,
             kind: r.user.kind,
             disabled: r.user.disabled,
-            grants: routes.compile_grants(&r.user.grants),
+            grants,
             // STRIPES fits in u16.
-            stripe: u16::try_from(stripe_of(key)).unwrap_or(0),
+            stripe: u16::try_from(user_stripe(&r.user.id)).unwrap_or(0),
         };
-        self.identities.lock().intern(key, id)
+        interned.identities.intern(key, id)
     }
 
     /// Applies an invalidation from the store. The generation is bumped first, so every
@@ -807,6 +845,15 @@ mod tests {
             c.user.disabled && !a.user.disabled,
             "a changed record is not shared"
         );
+    }
+
+    /// The per-key and per-user sizes the memory figures in BENCHMARKS.md rest on: with
+    /// the `Arc` counts, 104 and 88 bytes, the 112- and 96-byte allocations of glibc.
+    #[test]
+    fn cached_values_keep_their_size() {
+        assert_eq!(std::mem::size_of::<Principal>(), 88);
+        assert_eq!(std::mem::size_of::<Identity>(), 72);
+        assert_eq!(std::mem::size_of::<(TokenHash, Entry)>(), 48);
     }
 
     #[test]
