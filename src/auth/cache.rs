@@ -273,7 +273,9 @@ fn stripe_of(user_hash: u64) -> usize {
 #[derive(Default)]
 struct Front {
     owner: usize,
-    map: HashMap<TokenHash, Arc<Principal>, TokenHashBuilder>,
+    /// With the user's stripe beside each principal: a hit validates without reading
+    /// the shared [`Identity`] (one cache line fewer per hit).
+    map: HashMap<TokenHash, (Arc<Principal>, u16), TokenHashBuilder>,
 }
 
 thread_local! {
@@ -521,8 +523,10 @@ impl Authenticator {
             if f.owner != self.id {
                 return None;
             }
-            let p = f.map.get(hash)?;
-            (self.fresh(p, now) && self.principal_valid(hash, p)).then(|| p.clone())
+            let (p, user_stripe) = f.map.get(hash)?;
+            (self.fresh(p, now)
+                && p.stamp == self.current_stamp(hash, Some(usize::from(*user_stripe))))
+            .then(|| p.clone())
         })
     }
 
@@ -533,7 +537,7 @@ impl Authenticator {
                 f.owner = self.id;
                 f.map.clear();
             }
-            f.map.insert(*hash, p.clone());
+            f.map.insert(*hash, (p.clone(), p.user.stripe));
         });
     }
 
