@@ -3,7 +3,7 @@
 //!
 //! Layers, fastest first:
 //! 1. a per-thread front map (no lock, no shared write) of recently used principals;
-//! 2. a shared table ([`super::table`]): capacity-bound, coalesced loads;
+//! 2. a shared table (`table.rs`): capacity-bound, coalesced loads;
 //! 3. the store.
 //!
 //! Expiry and validity are decided at read time, from what each entry carries, not by
@@ -71,7 +71,7 @@ type Stamp = u64;
 /// The user a token authenticates as, compiled for the request path: the identity
 /// headers built once, grants compiled against the route table. Immutable, and shared
 /// by every cached token of the user whose lookup returned the same record (see
-/// [`Interned`]), so a user's keys hold one copy between them.
+/// `Interned`), so a user's keys hold one copy between them.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Identity {
     /// The user id, as forwarded in the identity header (and the only copy of it).
