@@ -100,7 +100,7 @@ fn main() {
         KEYS,
         (blocks, bytes),
     );
-    // A second pass lets moka settle its housekeeping before counting.
+    // A second pass warms the front maps and the route lookups before counting.
     rt.block_on(async {
         for head in &heads {
             pipeline::admit(head, &policy, &auth, client)

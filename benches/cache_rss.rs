@@ -4,7 +4,7 @@
 //! count). Writes a `file:` store of N keys (N/2 API users with two keys each), opens an
 //! `Authenticator` over it as the server does (default `[auth]` config: capacity
 //! 1,000,000), resolves every key once through `Authenticator::resolve` so that each one
-//! is cached (plus its stale-if-error copy), and prints VmRSS before and after.
+//! is cached, and prints VmRSS before and after.
 //!
 //! The `file:` store keeps its whole snapshot in memory; the Redis store does not. The
 //! figure that stands for a gateway on Redis is therefore the idle RSS of the binary
@@ -73,7 +73,7 @@ fn main() {
     });
     assert_eq!(missing, 0, "every key resolves");
     let fill = started.elapsed();
-    // A second pass counts what stayed cached (moka may refuse or evict at capacity).
+    // A second pass counts what stayed cached (the table evicts at capacity).
     let misses_before = metrics.cache_misses.get();
     rt.block_on(async {
         for i in 0..keys {

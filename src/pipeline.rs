@@ -294,7 +294,7 @@ pub async fn admit<'a>(
         }
     };
     let admitted = authorize(head, path, principal, &policy.routes)?;
-    auth.note_use(&admitted.principal, now);
+    auth.note_use(&admitted.principal, &hash, now);
     Ok(admitted)
 }
 
@@ -314,14 +314,14 @@ pub fn authorize<'a>(
     if !principal.valid_at(now_ms()) {
         return refuse(Refusal::InvalidToken, principal);
     }
-    if principal.kind == UserType::Ui {
+    if principal.user.kind == UserType::Ui {
         return refuse(Refusal::ApiAccessDenied, principal);
     }
     let api = match routes.lookup(&head.method, &path) {
         RouteMatch::Api(api) => api,
         RouteMatch::NoApi => return refuse(Refusal::UnknownApi, principal),
     };
-    if !principal.grants.contains(api) {
+    if !principal.user.grants.contains(api) {
         return refuse(Refusal::ApiNotGranted, principal);
     }
     Ok(Admission {

@@ -33,36 +33,59 @@ pub struct ApiId(pub u16);
 /// Set of API ids (a grant set compiled to a bitset). Checking membership does not
 /// allocate.
 ///
-/// The bitset is as long as its largest member needs and never shrinks (there is no
-/// removal), so two sets with the same members are equal.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ApiSet {
-    words: Box<[u64]>,
+/// Ids below [`ApiSet::INLINE`] live in the value itself (16 bytes in all; every cached
+/// user holds one, so no allocation for the usual route table); a set with a larger
+/// member moves to a boxed bitset as long as its largest member needs. Neither form ever
+/// shrinks (there is no removal), so two sets with the same members are equal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiSet {
+    Inline(u64),
+    Boxed(Box<[u64]>),
+}
+
+impl Default for ApiSet {
+    fn default() -> Self {
+        ApiSet::Inline(0)
+    }
 }
 
 impl ApiSet {
+    /// Ids below this are held without an allocation.
+    pub const INLINE: u16 = 64;
+
     /// Whether `id` is in the set.
     pub fn contains(&self, id: ApiId) -> bool {
         let (word, bit) = Self::position(id);
-        self.words.get(word).is_some_and(|w| w & bit != 0)
+        self.words().get(word).is_some_and(|w| w & bit != 0)
     }
 
     /// Adds `id` to the set.
     pub fn insert(&mut self, id: ApiId) {
         let (word, bit) = Self::position(id);
-        if word >= self.words.len() {
-            let mut words = std::mem::take(&mut self.words).into_vec();
+        if word >= self.words().len() {
+            let mut words = self.words().to_vec();
             words.resize(word + 1, 0);
-            self.words = words.into_boxed_slice();
+            *self = ApiSet::Boxed(words.into_boxed_slice());
         }
-        if let Some(w) = self.words.get_mut(word) {
+        let words = match self {
+            ApiSet::Inline(w) => std::slice::from_mut(w),
+            ApiSet::Boxed(w) => &mut w[..],
+        };
+        if let Some(w) = words.get_mut(word) {
             *w |= bit;
         }
     }
 
     /// Whether the set has no member.
     pub fn is_empty(&self) -> bool {
-        self.words.iter().all(|w| *w == 0)
+        self.words().iter().all(|w| *w == 0)
+    }
+
+    fn words(&self) -> &[u64] {
+        match self {
+            ApiSet::Inline(w) => std::slice::from_ref(w),
+            ApiSet::Boxed(w) => w,
+        }
     }
 
     fn position(id: ApiId) -> (usize, u64) {
@@ -961,6 +984,20 @@ mod tests {
         set.insert(ApiId(1));
         assert!(set.contains(ApiId(1)));
         assert_ne!(set, ApiSet::default());
+    }
+
+    #[test]
+    fn api_set_stays_inline_below_64() {
+        let mut set = ApiSet::default();
+        set.insert(ApiId(0));
+        set.insert(ApiId(63));
+        assert!(matches!(set, ApiSet::Inline(_)));
+        assert!(set.contains(ApiId(63)) && !set.contains(ApiId(62)));
+        assert!(!set.contains(ApiId(64)));
+        set.insert(ApiId(64));
+        assert!(matches!(set, ApiSet::Boxed(_)));
+        assert!(set.contains(ApiId(0)) && set.contains(ApiId(63)) && set.contains(ApiId(64)));
+        assert_eq!(std::mem::size_of::<ApiSet>(), 16);
     }
 
     #[test]

@@ -531,7 +531,8 @@ async fn record_uses(
     }
 }
 
-/// Once a second: re-reads the TLS files if they changed, and samples the cache size.
+/// Once a second: re-reads the TLS files if they changed, sweeps one shard of the auth
+/// cache, and samples the cache size.
 async fn housekeeping(gate: Arc<Gate>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -553,6 +554,7 @@ async fn housekeeping(gate: Arc<Gate>, mut shutdown: watch::Receiver<bool>) {
                 }
             }
         }
+        gate.auth.sweep();
         gate.metrics.cache_entries.set(gate.auth.entry_count());
     }
 }
@@ -646,11 +648,11 @@ async fn handle(
             h.insert(X_REQUEST_ID, request_id.clone());
             h.insert(
                 policy.identity.user_id.clone(),
-                principal.user_id_header.clone(),
+                principal.user.user_id_header.clone(),
             );
             h.insert(
                 policy.identity.tenant.clone(),
-                principal.tenant_header.clone(),
+                HeaderValue::clone(&principal.user.tenant_header),
             );
             h.insert(policy.identity.api.clone(), policy.api_header(api));
             h.insert(
@@ -750,7 +752,7 @@ fn finish(
             request_id = request_id.to_str().unwrap_or(""),
             method = method.as_str(),
             api = api.unwrap_or("-"),
-            user = principal.map_or("-", |p| &*p.user_id),
+            user = principal.map_or("-", |p| p.user_id()),
             key_id = principal
                 .and_then(|p| p.key_id_header.to_str().ok())
                 .unwrap_or("-"),

@@ -70,11 +70,11 @@ pub async fn exchange(
             return Err(Refusal::InvalidToken);
         }
     };
-    if *principal.user_id != *user_id || principal.access_token || !principal.valid_at(now) {
+    if principal.user_id() != user_id || principal.access_token() || !principal.valid_at(now) {
         auth.throttle.record_failure(client, now);
         return Err(Refusal::InvalidToken);
     }
-    if principal.kind == UserType::Ui {
+    if principal.user.kind == UserType::Ui {
         return Err(Refusal::ApiAccessDenied);
     }
     let (token, _) = generate_secret_key();

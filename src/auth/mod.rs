@@ -4,6 +4,7 @@
 pub mod bearer;
 pub mod cache;
 pub mod invalidation;
+mod table;
 pub mod throttle;
 
 pub use cache::{AuthFailure, Authenticator, Principal, now_ms};
