@@ -860,7 +860,10 @@ async fn deep_pipelining_does_not_starve_other_clients() {
         arena.mallorys_requests().is_empty(),
         "a pipelined request reached the backend"
     );
-    let slowest = prober.finish(20, "deep pipelining");
+    // Besides the 100 ms bound: with the worker's turns unfair, the typical answer
+    // waits behind a round of pipelined requests (median 40-45 ms on a quiet machine
+    // in a debug build, against 1 ms with fair turns).
+    let slowest = prober.finish_typical(20, "deep pipelining", Duration::from_millis(15));
     eprintln!(
         "deep pipelining: {} requests refused; slowest well-behaved answer {slowest:?}",
         statuses.len()

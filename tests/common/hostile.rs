@@ -354,6 +354,21 @@ impl Prober {
     /// waited for a CPU meanwhile. Returns the slowest answer time.
     #[track_caller]
     pub fn finish(self, min: usize, context: &str) -> Duration {
+        self.finish_with(min, context, None)
+    }
+
+    /// [`Prober::finish`], and the median answer, less the control's at the same tick,
+    /// must be within `typical`: for attacks whose harm shows as a steady slowdown
+    /// well under [`PROMPT`] rather than as single stalls. (Waits for a CPU are not
+    /// subtracted here: a median is not moved by a few stalls, and an unfair worker
+    /// makes every thread on the machine wait more.)
+    #[track_caller]
+    pub fn finish_typical(self, min: usize, context: &str, typical: Duration) -> Duration {
+        self.finish_with(min, context, Some(typical))
+    }
+
+    #[track_caller]
+    fn finish_with(self, min: usize, context: &str, typical: Option<Duration>) -> Duration {
         self.stop.store(true, Ordering::Relaxed);
         let results = self.thread.join().expect("prober thread");
         assert!(
@@ -370,6 +385,9 @@ impl Prober {
                 })
                 .collect::<Vec<_>>()
         };
+        if std::env::var_os("PROBER_DUMP").is_some() {
+            eprintln!("{context}: (gateway, control, wait) in ms: {:?}", all());
+        }
         let mut slowest = Duration::ZERO;
         for (i, p) in results.iter().enumerate() {
             match &p.gateway {
@@ -388,6 +406,23 @@ impl Prober {
                 }
                 Err(e) => panic!("{context}: well-behaved request {i} failed: {e}"),
             }
+        }
+        if let Some(typical) = typical {
+            let mut own: Vec<Duration> = results
+                .iter()
+                .filter_map(|p| {
+                    let took = p.gateway.as_ref().ok()?;
+                    Some(took.saturating_sub(p.control))
+                })
+                .collect();
+            own.sort();
+            let median = own[own.len() / 2];
+            assert!(
+                median <= typical,
+                "{context}: the median well-behaved answer took {median:?} beyond the \
+                 control's (at most {typical:?}); all (gateway, control, wait), in ms: {:?}",
+                all()
+            );
         }
         slowest
     }
