@@ -261,6 +261,37 @@ fn query_has_token(query: &str) -> bool {
     })
 }
 
+/// Refuses `client` with 429 while it is over its failed-authentication limit. Runs
+/// before any credential is looked at, so guessing costs the guesser, not the store.
+pub fn check_throttle(auth: &Authenticator, client: IpAddr, now: u64) -> Result<(), Refusal> {
+    match auth.throttle.blocked(client, now) {
+        Some(retry_after_s) => Err(Refusal::TooManyRequests { retry_after_s }),
+        None => Ok(()),
+    }
+}
+
+/// Counts a failed authentication of `client` and returns the refusal for it.
+pub fn failed_authentication(auth: &Authenticator, client: IpAddr, now: u64) -> Refusal {
+    auth.throttle.record_failure(client, now);
+    Refusal::InvalidToken
+}
+
+/// Resolves a token hash to its principal. An unknown token counts as a failed
+/// authentication of `client` (401); a store outage is 503, never counted.
+pub async fn resolve_counted(
+    auth: &Authenticator,
+    hash: &TokenHash,
+    routes: &RouteTable,
+    client: IpAddr,
+    now: u64,
+) -> Result<Arc<Principal>, Refusal> {
+    match auth.resolve(hash, routes).await {
+        Ok(p) => Ok(p),
+        Err(AuthFailure::Unknown) => Err(failed_authentication(auth, client, now)),
+        Err(AuthFailure::Unavailable) => Err(Refusal::AuthUnavailable { retry_after_s: 1 }),
+    }
+}
+
 /// The whole decision for one request head.
 /// `client` is the address failed authentications are counted against.
 pub async fn admit<'a>(
@@ -271,28 +302,14 @@ pub async fn admit<'a>(
 ) -> Result<Admission<'a>, Rejection> {
     let path = sanity(head, policy)?;
     let now = now_ms();
-    if let Some(retry_after_s) = auth.throttle.blocked(client, now) {
-        return Err(Refusal::TooManyRequests { retry_after_s }.into());
-    }
+    check_throttle(auth, client, now)?;
     let token = match credential(head) {
         Ok(t) => t,
-        Err(Refusal::InvalidToken) => {
-            auth.throttle.record_failure(client, now);
-            return Err(Refusal::InvalidToken.into());
-        }
+        Err(Refusal::InvalidToken) => return Err(failed_authentication(auth, client, now).into()),
         Err(r) => return Err(r.into()),
     };
     let hash = TokenHash::of(token);
-    let principal = match auth.resolve(&hash, &policy.routes).await {
-        Ok(p) => p,
-        Err(AuthFailure::Unknown) => {
-            auth.throttle.record_failure(client, now);
-            return Err(Refusal::InvalidToken.into());
-        }
-        Err(AuthFailure::Unavailable) => {
-            return Err(Refusal::AuthUnavailable { retry_after_s: 1 }.into());
-        }
-    };
+    let principal = resolve_counted(auth, &hash, &policy.routes, client, now).await?;
     let admitted = authorize(head, path, principal, &policy.routes)?;
     auth.note_use(&admitted.principal, &hash, now);
     Ok(admitted)

@@ -11,10 +11,10 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, LINK};
 use http::{HeaderName, HeaderValue, Method, Response, StatusCode, request};
 
-use crate::auth::{AuthFailure, Authenticator, now_ms};
+use crate::auth::{Authenticator, now_ms};
 use crate::errors::Refusal;
 use crate::forward::GateBody;
-use crate::pipeline::Policy;
+use crate::pipeline::{Policy, check_throttle, failed_authentication, resolve_counted};
 use crate::store::records::generate_secret_key;
 use crate::store::{StoreError, TokenHash, UserType};
 
@@ -49,30 +49,19 @@ pub async fn exchange(
     request_id: &HeaderValue,
 ) -> Result<Response<GateBody>, Refusal> {
     let now = now_ms();
-    if let Some(retry_after_s) = auth.throttle.blocked(client, now) {
-        return Err(Refusal::TooManyRequests { retry_after_s });
-    }
+    check_throttle(auth, client, now)?;
     let mut values = head.headers.get_all(AUTHORIZATION).iter();
     let value = values.next().ok_or(Refusal::MissingCredentials)?;
     if values.next().is_some() {
         return Err(Refusal::InvalidRequest);
     }
     let Some((user_id, secret)) = parse_basic(value.as_bytes()) else {
-        auth.throttle.record_failure(client, now);
-        return Err(Refusal::InvalidToken);
+        return Err(failed_authentication(auth, client, now));
     };
     let parent = TokenHash::of(secret.as_bytes());
-    let principal = match auth.resolve(&parent, &policy.routes).await {
-        Ok(p) => p,
-        Err(AuthFailure::Unavailable) => return Err(Refusal::AuthUnavailable { retry_after_s: 1 }),
-        Err(AuthFailure::Unknown) => {
-            auth.throttle.record_failure(client, now);
-            return Err(Refusal::InvalidToken);
-        }
-    };
+    let principal = resolve_counted(auth, &parent, &policy.routes, client, now).await?;
     if principal.user_id() != user_id || principal.access_token() || !principal.valid_at(now) {
-        auth.throttle.record_failure(client, now);
-        return Err(Refusal::InvalidToken);
+        return Err(failed_authentication(auth, client, now));
     }
     if principal.user.kind == UserType::Ui {
         return Err(Refusal::ApiAccessDenied);
