@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 
 use campaign_gate::server::Gateway;
 use campaign_gate::store::records::generate_secret_key;
-use campaign_gate::store::{NewUser, Revocation, Store, TokenHash, UserType};
+use campaign_gate::store::{Revocation, Store, TokenHash};
 use common::refusal::{API_NOT_GRANTED, INVALID_TOKEN, Refusal};
 use common::{EVENTS, RecordingBackend, Req, assert_refusal, unix_ms, until_unix_ms, wait_until};
 use futures_util::future::join_all;
 use redis::aio::MultiplexedConnection;
-use support::redis::{CAMPAIGNS, pooled, pooled_client, pooled_events};
+use support::redis::{CAMPAIGNS, api_user, new_key, pooled, pooled_client, pooled_events};
 use support::{GatewaySettings, RedisServer, evalsha_calls, start_gateway};
 
 const AUTH_UNAVAILABLE: Refusal = Refusal {
@@ -37,29 +37,6 @@ async fn admin(redis: &RedisServer) -> Store {
     Store::open(&redis.url(), "cg:", Duration::from_secs(5))
         .await
         .expect("open the redis store")
-}
-
-async fn api_user(store: &Store, id: &str, grants: &[&str]) -> String {
-    store
-        .create_user(NewUser {
-            id: id.into(),
-            kind: UserType::Api,
-            tenant: "acme".into(),
-            name: String::new(),
-            grants: grants.iter().map(|g| g.to_string()).collect(),
-        })
-        .await
-        .expect("create user");
-    new_key(store, id).await
-}
-
-async fn new_key(store: &Store, id: &str) -> String {
-    let (token, key_id) = generate_secret_key();
-    store
-        .add_key(id, TokenHash::of(token.as_bytes()), &key_id)
-        .await
-        .expect("add key");
-    token
 }
 
 /// The status of one request for `path` (`POST` events, `GET` campaigns).

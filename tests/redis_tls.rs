@@ -10,10 +10,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use campaign_gate::server::Gateway;
-use campaign_gate::store::records::generate_secret_key;
-use campaign_gate::store::{NewUser, Revocation, Store, StoreError, TokenHash, UserType};
+use campaign_gate::store::{Revocation, Store, StoreError};
 use common::refusal::{INVALID_TOKEN, Refusal};
 use common::{EVENTS, RecordingBackend, Req, assert_refusal, wait_until};
+use support::redis::api_user;
 use support::{GatewaySettings, RedisServer, TestCa, start_gateway};
 
 const AUTH_UNAVAILABLE: Refusal = Refusal {
@@ -22,26 +22,6 @@ const AUTH_UNAVAILABLE: Refusal = Refusal {
     code: 503,
     www_authenticate: None,
 };
-
-/// Creates an API user granted `events` with one key, through `store`; returns the key.
-async fn api_user(store: &Store, id: &str) -> String {
-    store
-        .create_user(NewUser {
-            id: id.into(),
-            kind: UserType::Api,
-            tenant: "acme".into(),
-            name: String::new(),
-            grants: vec!["events".into()],
-        })
-        .await
-        .expect("create user over TLS");
-    let (token, key_id) = generate_secret_key();
-    store
-        .add_key(id, TokenHash::of(token.as_bytes()), &key_id)
-        .await
-        .expect("add key over TLS");
-    token
-}
 
 async fn readyz(gateway: &Gateway) -> u16 {
     Req::get("/readyz")
@@ -66,7 +46,7 @@ async fn over_tls_keys_work_and_revocations_arrive_by_pub_sub() {
     let store = Store::from_config(&config.store)
         .await
         .expect("open the rediss store");
-    let key = api_user(&store, "alice").await;
+    let key = api_user(&store, "alice", &["events"]).await;
 
     // Ready means the store answered and the subscriber is live: both over TLS.
     let gw = start_gateway(&settings).await;
@@ -122,7 +102,7 @@ async fn a_server_certificate_from_another_ca_makes_the_store_unavailable() {
     let store = Store::from_config(&trusted.config().store)
         .await
         .expect("open the rediss store");
-    let key = api_user(&store, "alice").await;
+    let key = api_user(&store, "alice", &["events"]).await;
 
     let other = TestCa::generate();
     let mistrusting =
@@ -191,7 +171,7 @@ async fn a_client_certificate_is_presented_when_redis_requires_one() {
     let store = Store::from_config(&with_cert.config().store)
         .await
         .expect("open the rediss store");
-    let key = api_user(&store, "alice").await;
+    let key = api_user(&store, "alice", &["events"]).await;
     let gw = start_gateway(&with_cert).await;
     assert_eq!(
         Req::post(EVENTS).bearer(&key).send(gw.addr).await.status,

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use campaign_gate::config::Config;
 use campaign_gate::server::Gateway;
+use campaign_gate::store::records::generate_secret_key;
+use campaign_gate::store::{NewUser, Store, TokenHash, UserType};
 use redis::aio::MultiplexedConnection;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -527,4 +529,30 @@ pub async fn pooled(
     let status = response.status().as_u16();
     let _ = response.into_body().collect().await.expect("body");
     (status, started.elapsed())
+}
+
+/// Creates an API user of tenant `acme` granted `grants`, with one key, through
+/// `store`; returns the key.
+pub async fn api_user(store: &Store, id: &str, grants: &[&str]) -> String {
+    store
+        .create_user(NewUser {
+            id: id.into(),
+            kind: UserType::Api,
+            tenant: "acme".into(),
+            name: String::new(),
+            grants: grants.iter().map(|g| g.to_string()).collect(),
+        })
+        .await
+        .expect("create user");
+    new_key(store, id).await
+}
+
+/// Adds a key to user `id` through `store`; returns it.
+pub async fn new_key(store: &Store, id: &str) -> String {
+    let (token, key_id) = generate_secret_key();
+    store
+        .add_key(id, TokenHash::of(token.as_bytes()), &key_id)
+        .await
+        .expect("add key");
+    token
 }
