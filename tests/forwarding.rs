@@ -6,6 +6,8 @@ mod common;
 
 use std::time::Duration;
 
+use campaign_gate::server::Gateway;
+use common::env::TestEnvBuilder;
 use common::{EVENTS, RecordingBackend, Req, TENANT, TestEnv, key_id_of, payload, raw, sha256_hex};
 
 /// Headers the backend must never see from a client: hop-by-hop ones (including the
@@ -304,19 +306,37 @@ async fn absolute_form_target_is_forwarded_in_origin_form() {
     gateway.shutdown().await;
 }
 
+/// A gateway with one worker (so every request goes through one upstream pool) in
+/// front of `upstream`, with `alice` granted `events`; `configure` adds settings.
+/// Returns the environment (keep it alive), the gateway and alice's key.
+async fn one_worker_gateway(
+    upstream: &str,
+    configure: impl FnOnce(TestEnvBuilder) -> TestEnvBuilder,
+) -> (TestEnv, Gateway, String) {
+    let env = configure(
+        TestEnv::builder()
+            .upstream(upstream)
+            .set("server", "workers", "1"),
+    )
+    .build();
+    let token = env.create_api_user("alice", &["events"]);
+    let gateway = env.start_gateway().await;
+    (env, gateway, token)
+}
+
+/// Posts to `events` `n` times, one after another, each answered 200.
+async fn post_ok(gateway: &Gateway, token: &str, n: usize) {
+    for i in 0..n {
+        let resp = Req::post(EVENTS).bearer(token).send(gateway.addr).await;
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_are_reused() {
     let backend = RecordingBackend::start().await;
-    let env = TestEnv::builder()
-        .upstream(&backend.url())
-        .set("server", "workers", "1")
-        .build();
-    let token = env.create_api_user("alice", &["events"]);
-    let gateway = env.start_gateway().await;
-    for i in 0..10 {
-        let resp = Req::post(EVENTS).bearer(&token).send(gateway.addr).await;
-        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
-    }
+    let (_env, gateway, token) = one_worker_gateway(&backend.url(), |b| b).await;
+    post_ok(&gateway, &token, 10).await;
     assert_eq!(
         backend.connections(),
         1,
@@ -328,17 +348,11 @@ async fn upstream_connections_are_reused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_idle_connections_kept_every_request_connects() {
     let backend = RecordingBackend::start().await;
-    let env = TestEnv::builder()
-        .upstream(&backend.url())
-        .set("server", "workers", "1")
-        .set("upstream", "pool_max_idle_per_host", "0")
-        .build();
-    let token = env.create_api_user("alice", &["events"]);
-    let gateway = env.start_gateway().await;
-    for i in 0..3 {
-        let resp = Req::post(EVENTS).bearer(&token).send(gateway.addr).await;
-        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
-    }
+    let (_env, gateway, token) = one_worker_gateway(&backend.url(), |b| {
+        b.set("upstream", "pool_max_idle_per_host", "0")
+    })
+    .await;
+    post_ok(&gateway, &token, 3).await;
     assert_eq!(backend.connections(), 3);
     gateway.shutdown().await;
 }
@@ -346,15 +360,9 @@ async fn with_no_idle_connections_kept_every_request_connects() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_the_backend_closed_while_idle_is_not_used() {
     let backend = KeepAliveBackend::start(true).await;
-    let env = TestEnv::builder()
-        .upstream(&backend.url())
-        .set("server", "workers", "1")
-        .build();
-    let token = env.create_api_user("alice", &["events"]);
-    let gateway = env.start_gateway().await;
+    let (_env, gateway, token) = one_worker_gateway(&backend.url(), |b| b).await;
     for i in 0..3 {
-        let resp = Req::post(EVENTS).bearer(&token).send(gateway.addr).await;
-        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
+        post_ok(&gateway, &token, 1).await;
         // The backend hung up after answering, without saying so; once the gateway has
         // noticed (it closes its end too), the next request must take a new connection.
         let gone = i + 1;
@@ -371,15 +379,11 @@ async fn a_connection_the_backend_closed_while_idle_is_not_used() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_upstream_connections_are_closed_after_the_idle_timeout() {
     let backend = KeepAliveBackend::start(false).await;
-    let env = TestEnv::builder()
-        .upstream(&backend.url())
-        .set("server", "workers", "1")
-        .set("upstream", "pool_idle_timeout", "\"300ms\"")
-        .build();
-    let token = env.create_api_user("alice", &["events"]);
-    let gateway = env.start_gateway().await;
-    let resp = Req::post(EVENTS).bearer(&token).send(gateway.addr).await;
-    assert_eq!(resp.status, 200, "{}", resp.text());
+    let (_env, gateway, token) = one_worker_gateway(&backend.url(), |b| {
+        b.set("upstream", "pool_idle_timeout", "\"300ms\"")
+    })
+    .await;
+    post_ok(&gateway, &token, 1).await;
     let after = common::wait_until(Duration::from_secs(5), || async {
         backend.closed_by_gateway() == 1
     })
