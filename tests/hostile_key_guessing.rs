@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::env::TestEnvBuilder;
 use common::hostile::{
-    Fixture, HOST, OTHER_ADDRESS, Prober, assert_one_ok, assert_refused_reply, metric,
+    Fixture, HOST, OTHER_ADDRESS, Prober, assert_one_ok, assert_refused_reply, metric, pipelined,
     unknown_token,
 };
 use common::refusal::{INVALID_TOKEN, TOO_MANY_REQUESTS};
@@ -47,40 +47,6 @@ fn post(token: &str, extra: &str) -> String {
         "POST {EVENTS} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}\r\n\
          Content-Length: 0\r\n{extra}\r\n"
     )
-}
-
-/// Sends `requests` pipelined on one connection from `127.0.0.1` (written while the
-/// answers are read) and returns every response.
-async fn pipelined(addr: SocketAddr, requests: Vec<String>) -> Vec<Resp> {
-    let n = requests.len();
-    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut read, mut write) = stream.into_split();
-    let writer = tokio::spawn(async move {
-        for r in requests {
-            write.write_all(r.as_bytes()).await.expect("write");
-        }
-        write
-    });
-    let mut bytes = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut out = Vec::with_capacity(n);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while out.len() < n {
-        let read = tokio::time::timeout_at(deadline, read.read(&mut buf))
-            .await
-            .expect("all responses within 30 s")
-            .expect("read");
-        assert!(read > 0, "closed after {} of {n} responses", out.len());
-        bytes.extend_from_slice(&buf[..read]);
-        let mut used = 0;
-        while let Some((resp, len)) = parse_response(&bytes[used..], false) {
-            out.push(resp);
-            used += len;
-        }
-        bytes.drain(..used);
-    }
-    drop(writer.await.expect("writer"));
-    out
 }
 
 /// Sends at least `at_least` guesses (each a fresh random key) one after another on

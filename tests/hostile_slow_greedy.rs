@@ -15,7 +15,7 @@ use bytes::Bytes;
 use campaign_gate::server::Gateway;
 use common::env::TestEnvBuilder;
 use common::hostile::{
-    HOST, OTHER_ADDRESS, Prober, assert_refused_by_hyper, assert_refused_reply, metric,
+    HOST, OTHER_ADDRESS, Prober, assert_refused_by_hyper, assert_refused_reply, metric, pipelined,
 };
 use common::refusal::{REQUEST_TIMEOUT, URI_TOO_LONG};
 use common::{EVENTS, RecordingBackend, TestEnv, parse_response, raw, wait_until};
@@ -787,41 +787,6 @@ async fn h2_request_ok(addr: SocketAddr, token: &str) {
     driver.abort();
 }
 
-/// Writes `n` copies of `request` at once on one connection from `127.0.0.1` (while
-/// the answers are read) and returns the answers' statuses.
-async fn pipeline_flood(addr: SocketAddr, request: Bytes, n: usize) -> Vec<u16> {
-    let stream = TcpStream::connect(addr).await.expect("connect");
-    let (mut read, mut write) = stream.into_split();
-    let writer = tokio::spawn(async move {
-        let mut all = Vec::with_capacity(request.len() * n);
-        for _ in 0..n {
-            all.extend_from_slice(&request);
-        }
-        let _ = write.write_all(&all).await;
-        write
-    });
-    let mut bytes = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut statuses = Vec::with_capacity(n);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while statuses.len() < n {
-        let got = tokio::time::timeout_at(deadline, read.read(&mut buf))
-            .await
-            .expect("every answer within 30 s")
-            .expect("read");
-        assert!(got > 0, "closed after {} of {n} answers", statuses.len());
-        bytes.extend_from_slice(&buf[..got]);
-        let mut used = 0;
-        while let Some((resp, len)) = parse_response(&bytes[used..], false) {
-            statuses.push(resp.status.as_u16());
-            used += len;
-        }
-        bytes.drain(..used);
-    }
-    drop(writer.await.expect("writer"));
-    statuses
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deep_pipelining_does_not_starve_other_clients() {
     // 10 connections each write 1,000 requests at once (refused 403 by the gateway,
@@ -831,10 +796,10 @@ async fn deep_pipelining_does_not_starve_other_clients() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let arena = Arena::new(|b| b).await;
     let prober = arena.prober();
-    let request = Bytes::from(format!(
+    let request = format!(
         "GET {CAMPAIGNS} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {}\r\n\r\n",
         arena.mallory
-    ));
+    );
     let addr = arena.gateway.addr;
     let probes = prober.counter();
     let statuses = on_own_thread(async move {
@@ -842,10 +807,11 @@ async fn deep_pipelining_does_not_starve_other_clients() {
         // Rounds of 10 x 1,000, until the well-behaved client made 20 requests.
         while statuses.is_empty() || probes.load(Ordering::Relaxed) < 20 {
             let round: Vec<_> = (0..10)
-                .map(|_| tokio::spawn(pipeline_flood(addr, request.clone(), 1000)))
+                .map(|_| tokio::spawn(pipelined(addr, vec![request.clone(); 1000])))
                 .collect();
             for r in round {
-                statuses.extend(r.await.expect("flood connection"));
+                let responses = r.await.expect("flood connection");
+                statuses.extend(responses.iter().map(|r| r.status.as_u16()));
             }
         }
         statuses

@@ -13,7 +13,7 @@ use campaign_gate::server::Gateway;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::backend::{RecordedRequest, RecordingBackend};
-use super::client::{RawReply, Req, connect_from, parse_response, raw};
+use super::client::{RawReply, Req, Resp, connect_from, parse_response, raw};
 use super::env::{TENANT, TestEnv, TestEnvBuilder, key_id_of};
 use super::refusal::{Refusal, assert_refusal};
 
@@ -171,6 +171,40 @@ pub fn complete_requests(backend: &RecordingBackend) -> Vec<RecordedRequest> {
         .into_iter()
         .filter(|r| r.body.is_ok())
         .collect()
+}
+
+/// Sends `requests` pipelined on one connection from `127.0.0.1` (written while the
+/// answers are read) and returns every response.
+pub async fn pipelined(addr: SocketAddr, requests: Vec<String>) -> Vec<Resp> {
+    let n = requests.len();
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut read, mut write) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        for r in requests {
+            write.write_all(r.as_bytes()).await.expect("write");
+        }
+        write
+    });
+    let mut bytes = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut out = Vec::with_capacity(n);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while out.len() < n {
+        let read = tokio::time::timeout_at(deadline, read.read(&mut buf))
+            .await
+            .expect("all responses within 30 s")
+            .expect("read");
+        assert!(read > 0, "closed after {} of {n} responses", out.len());
+        bytes.extend_from_slice(&buf[..read]);
+        let mut used = 0;
+        while let Some((resp, len)) = parse_response(&bytes[used..], false) {
+            out.push(resp);
+            used += len;
+        }
+        bytes.drain(..used);
+    }
+    drop(writer.await.expect("writer"));
+    out
 }
 
 /// A well-formed token of the generated shape that no store knows.
