@@ -1,5 +1,6 @@
-//! One downstream connection's lifetime: the per-address connection limit, the idle
-//! timeout, and the graceful close on shutdown. HTTP itself is hyper's.
+//! One downstream connection's lifetime: the per-address connection limit, the HTTP/1
+//! framing guard in front of hyper ([`GuardedIo`], rules in [`crate::framing`]), the
+//! idle timeout, and the graceful close on shutdown. HTTP itself is hyper's.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -11,8 +12,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::task::ready;
+
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
+
+use crate::errors::Refusal;
+use crate::framing::{self, Framer, Scan};
 
 /// Counts open connections per client address and refuses past the limit, so that one
 /// address cannot take every connection slot. Touched once per connection, never per
@@ -68,64 +74,259 @@ impl Drop for AddressSlot {
     }
 }
 
-/// What a connection's stream counts: every read and write (so an idle connection can
-/// be told from a busy one without a clock read per I/O), and reads alone (so a
-/// request that arrived without a read of its own, one already buffered behind the
-/// previous one, can be told from the others).
+/// What a connection's stream counts, and what its HTTP/1 framing guard tells the
+/// handler: every read and write (so an idle connection can be told from a busy one
+/// without a clock read per I/O), reads alone (so a request that arrived without a read
+/// of its own, one already buffered behind the previous one, can be told from the
+/// others), the requests started, and which of them stands in for a refused head.
 #[derive(Debug, Default)]
 pub struct IoCounts {
     activity: AtomicU64,
     reads: AtomicU64,
     /// `reads` when the last request started, plus one (0: no request yet).
     seen: AtomicU64,
+    /// Requests started on this connection.
+    requests: AtomicU64,
+    /// `index << 2 | refusal code` of the stand-in request ([`framing::STAND_IN`]);
+    /// 0: none. Only the connection's own task touches these, so the loads and stores
+    /// are plain (no read-modify-write).
+    refused: AtomicU64,
 }
 
+/// What the handler learns as a request starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestStart {
+    /// No read happened since the previous request started: this one was already
+    /// buffered (HTTP/1 pipelining, or several HTTP/2 streams in one read).
+    pub buffered: bool,
+    /// The request is the stand-in for a head the framing guard refused: answer this.
+    pub refused: Option<Refusal>,
+}
+
+/// The refusals a head can get, by code - 1.
+const REFUSALS: [Refusal; 3] = [
+    Refusal::BadRequest,
+    Refusal::UriTooLong,
+    Refusal::HeadersTooLarge,
+];
+
 impl IoCounts {
-    /// Called as a request starts: true when no read happened since the previous
-    /// request on this connection started, i.e. this one was already buffered
-    /// (HTTP/1 pipelining, or several HTTP/2 streams in one read).
-    pub fn buffered_request(&self) -> bool {
+    /// Called as hyper hands the handler a request (in order, on HTTP/1).
+    pub fn start_request(&self) -> RequestStart {
         let now = self.reads.load(Ordering::Relaxed) + 1;
-        self.seen.swap(now, Ordering::Relaxed) == now
+        let buffered = self.seen.swap(now, Ordering::Relaxed) == now;
+        let index = self.requests.load(Ordering::Relaxed);
+        self.requests.store(index + 1, Ordering::Relaxed);
+        let refused = self.refused.load(Ordering::Relaxed);
+        let refused = if refused != 0 && refused >> 2 == index {
+            usize::try_from(refused & 3)
+                .ok()
+                .and_then(|code| REFUSALS.get(code.wrapping_sub(1)))
+                .copied()
+        } else {
+            None
+        };
+        RequestStart { buffered, refused }
+    }
+
+    /// Marks request `index` as the stand-in for a head refused with `refusal`.
+    fn refuse(&self, index: u64, refusal: Refusal) {
+        let code = REFUSALS.iter().position(|&r| r == refusal).unwrap_or(0) as u64 + 1;
+        self.refused.store(index << 2 | code, Ordering::Relaxed);
     }
 }
 
-/// A stream that keeps [`IoCounts`].
-pub struct ActivityIo<T> {
+/// A connection's stream: keeps [`IoCounts`], and on HTTP/1 lets hyper see only heads
+/// that [`framing::Framer`] cleared. A refused head never reaches hyper: in its place
+/// hyper reads [`framing::STAND_IN`], whose request the handler answers with the
+/// refusal (the JSON of DESIGN.md, where hyper's own refusals have an empty body), and
+/// after which hyper closes; nothing after the refused head is read.
+///
+/// Bytes go straight into hyper's buffer; only a head split over reads is held back
+/// (copied) until it is complete.
+pub struct GuardedIo<T> {
     inner: T,
     counts: Arc<IoCounts>,
+    /// `None`: not following the stream (HTTP/2, or past what the framer can follow).
+    framer: Option<Framer>,
+    /// Bytes read but not given to hyper: `held[given..clear]` may go, `held[clear..]`
+    /// is the start of an incomplete head.
+    held: Vec<u8>,
+    given: usize,
+    clear: usize,
+    /// A head was refused: nothing more is read.
+    cut: bool,
+    /// Until the first head is complete, hyper's own header timer is not running
+    /// (hyper-util has not yet seen enough to choose HTTP/1 or HTTP/2): while it holds
+    /// an incomplete first head, the guard keeps `header_read_timeout` itself.
+    first_head: FirstHead,
 }
 
-impl<T> ActivityIo<T> {
-    pub fn new(inner: T) -> (ActivityIo<T>, Arc<IoCounts>) {
+/// The header timer of the first head: its deadline, then its sleep once needed.
+enum FirstHead {
+    Due(tokio::time::Instant),
+    Timing(Pin<Box<tokio::time::Sleep>>),
+}
+
+impl<T> GuardedIo<T> {
+    /// `limits`: guard HTTP/1 heads with these; `None`: count only.
+    pub fn new(
+        inner: T,
+        limits: Option<framing::Limits>,
+        header_read_timeout: Duration,
+    ) -> (GuardedIo<T>, Arc<IoCounts>) {
         let counts = Arc::new(IoCounts::default());
         (
-            ActivityIo {
+            GuardedIo {
                 inner,
                 counts: counts.clone(),
+                framer: limits.map(Framer::new),
+                held: Vec::new(),
+                given: 0,
+                clear: 0,
+                cut: false,
+                first_head: FirstHead::Due(tokio::time::Instant::now() + header_read_timeout),
             },
             counts,
         )
     }
+
+    /// Puts the stand-in request after what hyper may still read, and stops reading.
+    fn refuse(&mut self, refusal: Refusal) {
+        let index = self.framer.as_ref().map_or(0, Framer::heads);
+        self.counts.refuse(index, refusal);
+        self.held.extend_from_slice(framing::STAND_IN);
+        self.clear = self.held.len();
+        self.cut = true;
+        self.framer = None;
+    }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
+impl<T: AsyncRead + Unpin> GuardedIo<T> {
+    /// While the first head is incomplete: `Pending`, or the timeout error once
+    /// `header_read_timeout` passed since the connection was accepted (hyper would
+    /// close without answering, and so does this).
+    fn poll_first_head_timer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.framer.as_ref().is_none_or(|f| f.heads() > 0) {
+            return Poll::Pending;
+        }
+        if let FirstHead::Due(at) = self.first_head {
+            self.first_head = FirstHead::Timing(Box::pin(tokio::time::sleep_until(at)));
+        }
+        if let FirstHead::Timing(sleep) = &mut self.first_head {
+            ready!(sleep.as_mut().poll(cx));
+        }
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "header read timeout",
+        )))
+    }
+
+    fn read_inner(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if r.is_ready() {
+            self.counts.activity.fetch_add(1, Ordering::Relaxed);
+            self.counts.reads.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if r.is_ready() {
-            this.counts.activity.fetch_add(1, Ordering::Relaxed);
-            this.counts.reads.fetch_add(1, Ordering::Relaxed);
+        loop {
+            if this.given < this.clear {
+                let n = (this.clear - this.given).min(buf.remaining());
+                buf.put_slice(&this.held[this.given..this.given + n]);
+                this.given += n;
+                if this.given == this.held.len() {
+                    this.held.clear();
+                    this.given = 0;
+                    this.clear = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.cut {
+                // hyper closes after answering the stand-in; until then it may look
+                // for an end of input, which must not come (it would abort the answer).
+                return Poll::Pending;
+            }
+            if this.framer.is_none() {
+                return this.read_inner(cx, buf);
+            }
+            if this.held.is_empty() {
+                // Straight into hyper's buffer: a head usually arrives whole.
+                let before = buf.filled().len();
+                ready!(this.read_inner(cx, buf))?;
+                let new = &buf.filled()[before..];
+                if new.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                let Some(framer) = this.framer.as_mut() else {
+                    return Poll::Ready(Ok(()));
+                };
+                let passed = match framer.scan(new) {
+                    Scan::Clear(n) => {
+                        if framer.passthrough() {
+                            this.framer = None;
+                        }
+                        this.held.extend_from_slice(&new[n..]);
+                        n
+                    }
+                    Scan::Refuse { at, refusal } => {
+                        this.refuse(refusal);
+                        at
+                    }
+                };
+                buf.set_filled(before + passed);
+                if passed > 0 {
+                    return Poll::Ready(Ok(()));
+                }
+            } else {
+                // An incomplete head is held: read more behind it.
+                if this.clear > 0 {
+                    this.held.drain(..this.clear);
+                    this.given = 0;
+                    this.clear = 0;
+                }
+                let mut chunk = [0u8; 4096];
+                let mut more = ReadBuf::new(&mut chunk);
+                if this.read_inner(cx, &mut more)?.is_pending() {
+                    return this.poll_first_head_timer(cx);
+                }
+                if more.filled().is_empty() {
+                    // The client closed inside a head: hyper sees a clean end.
+                    this.held.clear();
+                    return Poll::Ready(Ok(()));
+                }
+                this.held.extend_from_slice(more.filled());
+                let Some(framer) = this.framer.as_mut() else {
+                    this.clear = this.held.len();
+                    continue;
+                };
+                match framer.scan(&this.held) {
+                    Scan::Clear(n) => {
+                        if framer.passthrough() {
+                            this.framer = None;
+                        }
+                        this.clear = n;
+                    }
+                    Scan::Refuse { at, refusal } => {
+                        this.held.truncate(at);
+                        this.refuse(refusal);
+                    }
+                }
+            }
         }
-        r
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -280,10 +481,11 @@ mod tests {
     fn a_request_with_no_read_since_the_previous_one_was_buffered() {
         let counts = IoCounts::default();
         counts.reads.fetch_add(1, Ordering::Relaxed);
-        assert!(!counts.buffered_request(), "the first request");
-        assert!(counts.buffered_request(), "no read since: pipelined");
-        assert!(counts.buffered_request(), "still none");
+        let buffered = || counts.start_request().buffered;
+        assert!(!buffered(), "the first request");
+        assert!(buffered(), "no read since: pipelined");
+        assert!(buffered(), "still none");
         counts.reads.fetch_add(1, Ordering::Relaxed);
-        assert!(!counts.buffered_request(), "it needed a read of its own");
+        assert!(!buffered(), "it needed a read of its own");
     }
 }

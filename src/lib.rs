@@ -3,6 +3,7 @@
 //! # Layout
 //! Data flows one way: listener -> connection -> pipeline -> forwarder.
 //! - [`server`]: listeners, hyper connections ([`connection`], [`tls`]), limits, the request handler, shutdown, reload.
+//!   [`framing`]: HTTP/1 heads checked, and bodies framed, before hyper reads them.
 //! - [`pipeline`]: the per-request decision: sanity -> authenticate -> route -> authorize.
 //! - [`path`]: canonical paths. [`routes`]: the route table and API ids.
 //! - [`auth`]: bearer parsing, token hashing, principals, the cache and invalidation.
@@ -20,6 +21,7 @@ pub mod config;
 pub mod connection;
 pub mod errors;
 pub mod forward;
+pub mod framing;
 pub mod headers;
 pub mod path;
 pub mod pipeline;

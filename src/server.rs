@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::auth::Authenticator;
 use crate::config::{Config, RuntimeLayout};
-use crate::connection::{self, ActivityIo, PerAddressLimit};
+use crate::connection::{self, GuardedIo, PerAddressLimit};
 use crate::errors::Refusal;
 use crate::forward::{Forwarder, GateBody, LimitedBody};
 use crate::headers::{self, X_REQUEST_ID};
@@ -406,14 +406,30 @@ impl Conn {
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let (io, counts) = ActivityIo::new(io);
+        let (limits, header_read_timeout) = {
+            let s = &self.worker.gate.policy.load().config.server;
+            let limits = crate::framing::Limits {
+                max_header_bytes: s.max_header_bytes,
+                max_headers: s.max_headers,
+                max_uri_bytes: s.max_uri_bytes,
+            };
+            (limits, s.header_read_timeout)
+        };
+        let (io, counts) = GuardedIo::new(io, Some(limits), header_read_timeout);
         let worker = self.worker;
         let peer = self.peer;
         let peer_header = headers::ip_header_value(peer.ip());
         let io_counts = counts.clone();
         let svc = service_fn(move |req| {
-            let buffered = io_counts.buffered_request();
-            let handled = handle(worker.clone(), peer, peer_header.clone(), proto, req);
+            let start = io_counts.start_request();
+            let handled = handle(
+                worker.clone(),
+                peer,
+                peer_header.clone(),
+                proto,
+                req,
+                start.refused,
+            );
             async move {
                 // A request that was already buffered behind the previous one (deep
                 // HTTP/1 pipelining) gives the worker's other connections a turn
@@ -422,7 +438,7 @@ impl Conn {
                 // worker then polls its I/O driver (other clients' reads, accepts,
                 // upstream answers) only every 61 task polls. A request that needed a
                 // read of its own never yields.
-                if buffered {
+                if start.buffered {
                     tokio::task::yield_now().await;
                 }
                 handled.await
@@ -566,12 +582,29 @@ async fn handle(
     peer_header: HeaderValue,
     proto: &'static str,
     req: Request<Incoming>,
+    refused: Option<Refusal>,
 ) -> Result<Response<GateBody>, Infallible> {
     let started = Instant::now();
     let gate = &worker.gate;
     let policy = gate.policy.load();
     let (head, body) = req.into_parts();
     let request_id = headers::request_id(&head.headers);
+    if let Some(refusal) = refused {
+        // The stand-in for a head the framing guard refused (connection::GuardedIo):
+        // its own method and path mean nothing.
+        let resp = refusal.response(&request_id, policy.config.compat.campaign_statuses);
+        finish(
+            gate,
+            "-",
+            &request_id,
+            None,
+            None,
+            outcome_of(refusal),
+            resp.status().as_u16(),
+            started,
+        );
+        return Ok(resp);
+    }
     let max_body = policy.config.server.max_body_bytes;
 
     let trusted_proxies = &policy.config.server.trusted_proxies;
@@ -598,7 +631,7 @@ async fn handle(
             let resp = refusal.response(&request_id, policy.config.compat.campaign_statuses);
             finish(
                 gate,
-                &head.method,
+                head.method.as_str(),
                 &request_id,
                 None,
                 rejection.principal.as_deref(),
@@ -686,7 +719,7 @@ async fn handle(
     };
     finish(
         gate,
-        &method,
+        method.as_str(),
         &request_id,
         Some(api_name),
         Some(&principal),
@@ -722,7 +755,7 @@ async fn token_exchange(
     let status = resp.status().as_u16();
     finish(
         gate,
-        &head.method,
+        head.method.as_str(),
         request_id,
         Some("(token)"),
         None,
@@ -738,7 +771,7 @@ async fn token_exchange(
 #[allow(clippy::too_many_arguments)]
 fn finish(
     gate: &Gate,
-    method: &http::Method,
+    method: &str,
     request_id: &HeaderValue,
     api: Option<&str>,
     principal: Option<&crate::auth::Principal>,
@@ -750,7 +783,7 @@ fn finish(
     if tracing::enabled!(tracing::Level::INFO) {
         tracing::info!(
             request_id = request_id.to_str().unwrap_or(""),
-            method = method.as_str(),
+            method,
             api = api.unwrap_or("-"),
             user = principal.map_or("-", |p| p.user_id()),
             key_id = principal

@@ -14,10 +14,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use campaign_gate::server::Gateway;
 use common::env::TestEnvBuilder;
-use common::hostile::{
-    HOST, OTHER_ADDRESS, Prober, assert_refused_by_hyper, assert_refused_reply, metric, pipelined,
-};
-use common::refusal::{REQUEST_TIMEOUT, URI_TOO_LONG};
+use common::hostile::{HOST, OTHER_ADDRESS, Prober, assert_refused_reply, metric, pipelined};
+use common::refusal::{HEADERS_TOO_LARGE, REQUEST_TIMEOUT, URI_TOO_LONG};
 use common::{EVENTS, RecordingBackend, TestEnv, parse_response, raw, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -295,7 +293,7 @@ async fn one_megabyte_header_block_gets_431() {
     })
     .await;
     for reply in &replies {
-        assert_refused_by_hyper(reply, 431, "1 MB of headers");
+        assert_refused_reply(reply, HEADERS_TOO_LARGE, true, "1 MB of headers");
     }
     let sent = replies.len();
     assert!(
@@ -319,7 +317,7 @@ async fn too_many_headers_get_431() {
         request.push_str(&format!("X-N-{i}: 1\r\n"));
     }
     let reply = raw(arena.gateway.addr, format!("{request}\r\n").as_bytes()).await;
-    assert_refused_by_hyper(&reply, 431, "21 headers, max 20");
+    assert_refused_reply(&reply, HEADERS_TOO_LARGE, true, "21 headers, max 20");
     arena.backend.assert_untouched("too many headers");
     // 20 is fine.
     let lines: String = request

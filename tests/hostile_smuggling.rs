@@ -3,20 +3,19 @@
 //! intended request (re-framed by the gateway) or none, and a request hidden in a body
 //! never reaches it as a request.
 //!
-//! Who refuses what: hyper (>= 1.11) itself refuses `Transfer-Encoding` whose last coding
-//! is not `chunked`, TE on HTTP/1.0, differing or non-digit `Content-Length`s, and bad
-//! chunk framing (its 400 has an empty body: no JSON `error`). When both TE and CL
-//! arrive, hyper drops CL, reads the body as chunked and closes the connection after
-//! the response; the gateway never sees the CL, so it cannot refuse the pair (DESIGN
-//! asks for a refusal) and these tests pin what happens instead. The gateway refuses
-//! the rest with its own 400 `bad_request` and closes the connection.
+//! Who refuses what: the gateway's framing guard (`src/framing.rs`, ahead of hyper)
+//! refuses every head whose body framing is ambiguous or that hyper would refuse:
+//! `Transfer-Encoding` with `Content-Length`, `Transfer-Encoding` other than one
+//! `chunked`, TE on HTTP/1.0, differing or non-digit `Content-Length`s; hyper never
+//! reads such a head, nothing after it on the connection is read, and the client gets
+//! the JSON 400 `bad_request` with the connection closed. Bad chunk framing is found
+//! while the body streams: 400 `bad_request`, closed, the request never complete at the
+//! backend.
 
 mod common;
 
 use common::EVENTS;
-use common::hostile::{
-    Fixture, HOST, assert_one_ok, assert_refused_by_hyper, assert_refused_reply, complete_requests,
-};
+use common::hostile::{Fixture, HOST, assert_one_ok, assert_refused_reply, complete_requests};
 use common::refusal::{BAD_REQUEST, METHOD_NOT_ALLOWED, MISSING_CREDENTIALS};
 
 /// `alice` may `POST` events; nothing else.
@@ -49,16 +48,6 @@ async fn assert_bad_framing(cases: &[(&str, String)]) {
     fx.backend.assert_untouched("bad framing");
 }
 
-/// Every request is refused by hyper before the gateway sees it.
-async fn assert_refused_by_hyper_framing(cases: &[(&str, String)]) {
-    let fx = fixture().await;
-    for (case, rest) in cases {
-        let reply = fx.send(post(&fx.token, rest)).await;
-        assert_refused_by_hyper(&reply, 400, case);
-    }
-    fx.backend.assert_untouched("framing hyper refuses");
-}
-
 /// The request's body is cut off with 400 `bad_request` and the connection closed; the
 /// backend never gets a complete request (at most a head whose body then failed).
 async fn assert_body_aborted(cases: &[(&str, String)]) {
@@ -76,53 +65,69 @@ async fn assert_body_aborted(cases: &[(&str, String)]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cl_te_is_read_as_chunked_once_and_the_connection_closed() {
+async fn cl_te_is_refused_before_any_byte_is_forwarded() {
     // A CL-reading front end would take 6 bytes as the body; a TE-reading back end
-    // would see the chunked end and then the hidden request. hyper reads chunked, drops
-    // the CL, and closes after the response: the hidden bytes are never parsed.
+    // would see the chunked end and then the hidden request. Neither reading happens:
+    // the head is refused, and nothing after it is parsed.
     let fx = fixture().await;
     let hidden = hidden_request(&fx.token);
-    let request = post(
-        &fx.token,
-        &format!("Content-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{hidden}"),
-    );
-    let reply = fx.send(request).await;
-    assert!(assert_one_ok(&reply, "CL.TE"), "connection left open");
-    fx.assert_forwarded(
-        &fx.backend.single_request(),
-        "POST",
-        EVENTS,
-        "events",
-        &[("transfer-encoding", "chunked")],
-    );
-    assert_eq!(fx.backend.single_request().body(), "");
+    let reply = fx
+        .send(post(
+            &fx.token,
+            &format!("Content-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{hidden}"),
+        ))
+        .await;
+    assert_refused_reply(&reply, BAD_REQUEST, true, "CL.TE");
+    fx.backend.assert_untouched("CL.TE");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn te_cl_is_read_as_chunked_and_the_hidden_request_stays_body() {
+async fn te_cl_is_refused_and_the_hidden_request_never_parsed() {
     // A CL-reading back end would take `5c\r\n` as the body and the hidden request as
-    // its next request. The gateway reads chunked and re-frames: the backend gets one
-    // POST whose body is the hidden request's bytes.
+    // its next request. The pair is refused, in either order and whatever the CL says.
     let fx = fixture().await;
     let hidden = hidden_request(&fx.token);
-    let request = post(
+    for (case, cl) in [("TE.CL", "4"), ("TE.CL, CL not a number", "x")] {
+        let reply = fx
+            .send(post(
+                &fx.token,
+                &format!(
+                    "Transfer-Encoding: chunked\r\nContent-Length: {cl}\r\n\r\n{:x}\r\n{hidden}\r\n0\r\n\r\n",
+                    hidden.len()
+                ),
+            ))
+            .await;
+        assert_refused_reply(&reply, BAD_REQUEST, true, case);
+    }
+    fx.backend.assert_untouched("TE.CL");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_before_a_refused_head_are_answered_first() {
+    // Pipelined: a good request, then a CL.TE head. The good one is forwarded and
+    // answered, then the refusal follows in order, and the connection closes; the
+    // hidden request after it is never parsed.
+    let fx = fixture().await;
+    let hidden = hidden_request(&fx.token);
+    let good = post(&fx.token, "Content-Length: 2\r\n\r\nok");
+    let bad = post(
         &fx.token,
-        &format!(
-            "Transfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n{:x}\r\n{hidden}\r\n0\r\n\r\n",
-            hidden.len()
-        ),
+        &format!("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{hidden}"),
     );
-    let reply = fx.send(request).await;
-    assert!(assert_one_ok(&reply, "TE.CL"), "connection left open");
+    let reply = fx.send(format!("{good}{bad}")).await;
+    let responses = reply.responses();
+    assert_eq!(
+        responses.len(),
+        2,
+        "{:?}",
+        String::from_utf8_lossy(&reply.bytes)
+    );
+    assert_eq!(responses[0].status.as_u16(), 200, "{:?}", responses[0]);
+    common::refusal::assert_refusal(&responses[1], BAD_REQUEST, "CL.TE after a good request");
+    assert!(reply.closed, "connection left open");
     let seen = fx.backend.single_request();
-    fx.assert_forwarded(
-        &seen,
-        "POST",
-        EVENTS,
-        "events",
-        &[("transfer-encoding", "chunked")],
-    );
-    assert_eq!(seen.body(), hidden.as_bytes());
+    fx.assert_forwarded(&seen, "POST", EVENTS, "events", &[("content-length", "2")]);
+    assert_eq!(seen.body(), "ok");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,8 +178,8 @@ async fn duplicate_te_lines_are_bad_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn te_whose_last_coding_is_not_chunked_is_refused_by_hyper() {
-    assert_refused_by_hyper_framing(&[
+async fn te_whose_last_coding_is_not_chunked_is_bad_request() {
+    assert_bad_framing(&[
         (
             "chunked then identity",
             "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
@@ -231,8 +236,8 @@ async fn te_with_tabs_and_spaces_is_plain_chunked() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn te_with_obs_fold_or_blank_before_colon_is_refused_by_hyper() {
-    assert_refused_by_hyper_framing(&[
+async fn te_with_obs_fold_or_blank_before_colon_is_bad_request() {
+    assert_bad_framing(&[
         (
             "space before the colon",
             "Transfer-Encoding : chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n".into(),
@@ -254,7 +259,7 @@ async fn te_with_obs_fold_or_blank_before_colon_is_refused_by_hyper() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn te_on_http_1_0_is_refused_by_hyper() {
+async fn te_on_http_1_0_is_bad_request() {
     let fx = fixture().await;
     let request = format!(
         "POST {EVENTS} HTTP/1.0\r\nHost: {HOST}\r\nAuthorization: Bearer {}\r\n\
@@ -262,13 +267,13 @@ async fn te_on_http_1_0_is_refused_by_hyper() {
         fx.token
     );
     let reply = fx.send(request).await;
-    assert_refused_by_hyper(&reply, 400, "TE on HTTP/1.0");
+    assert_refused_reply(&reply, BAD_REQUEST, true, "TE on HTTP/1.0");
     fx.backend.assert_untouched("TE on HTTP/1.0");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conflicting_content_lengths_are_refused_by_hyper() {
-    assert_refused_by_hyper_framing(&[
+async fn conflicting_content_lengths_are_bad_request() {
+    assert_bad_framing(&[
         (
             "two lines",
             "Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}x".into(),
@@ -280,8 +285,8 @@ async fn conflicting_content_lengths_are_refused_by_hyper() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn signed_content_length_is_refused_by_hyper() {
-    assert_refused_by_hyper_framing(&[
+async fn signed_content_length_is_bad_request() {
+    assert_bad_framing(&[
         ("+2", "Content-Length: +2\r\n\r\n{}".into()),
         ("-2", "Content-Length: -2\r\n\r\n{}".into()),
     ])
@@ -289,8 +294,8 @@ async fn signed_content_length_is_refused_by_hyper() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hex_and_other_non_digit_content_length_is_refused_by_hyper() {
-    assert_refused_by_hyper_framing(&[
+async fn hex_and_other_non_digit_content_length_is_bad_request() {
+    assert_bad_framing(&[
         ("0x2", "Content-Length: 0x2\r\n\r\n{}".into()),
         ("2e0", "Content-Length: 2e0\r\n\r\n{}".into()),
         ("2 bytes", "Content-Length: 2 2\r\n\r\n{}".into()),

@@ -129,26 +129,6 @@ pub fn assert_refused_reply(reply: &RawReply, expected: Refusal, closed: bool, c
     assert_eq!(reply.closed, closed, "{case}: connection closed");
 }
 
-/// hyper refused the request before the gateway saw it: exactly one response, `status`
-/// with an empty body (hyper writes it, so there is no JSON `error`), connection closed.
-#[track_caller]
-pub fn assert_refused_by_hyper(reply: &RawReply, status: u16, case: &str) {
-    let responses = reply.responses();
-    assert_eq!(
-        responses.len(),
-        1,
-        "{case}: expected one response, got {:?}",
-        String::from_utf8_lossy(&reply.bytes)
-    );
-    let resp = &responses[0];
-    assert_eq!(resp.status.as_u16(), status, "{case}: {resp:?}");
-    assert!(
-        resp.body.is_empty(),
-        "{case}: hyper's refusal has a body: {resp:?}"
-    );
-    assert!(reply.closed, "{case}: connection left open");
-}
-
 /// One successful (200) response and nothing else; whether the connection closed is
 /// returned for the caller to assert.
 #[track_caller]

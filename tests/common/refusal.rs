@@ -151,7 +151,7 @@ pub fn assert_refusal(resp: &Resp, expected: Refusal, case: &str) {
     );
 }
 
-/// Framing the gateway itself refuses (beyond hyper's own checks).
+/// Framing the gateway refuses (its guard ahead of hyper, or its own checks after).
 pub const BAD_REQUEST: Refusal = Refusal {
     status: 400,
     error: "bad_request",
@@ -163,6 +163,13 @@ pub const URI_TOO_LONG: Refusal = Refusal {
     status: 414,
     error: "uri_too_long",
     code: 414,
+    www_authenticate: None,
+};
+
+pub const HEADERS_TOO_LARGE: Refusal = Refusal {
+    status: 431,
+    error: "headers_too_large",
+    code: 431,
     www_authenticate: None,
 };
 
