@@ -285,6 +285,46 @@ fn headers(c: &mut Criterion) {
     g.finish();
 }
 
+/// The framing guard's look at each HTTP/1 head before hyper parses it
+/// (`framing::Framer::scan`): the two requests of `headers` as raw bytes, and a
+/// 10-request pipeline of the wrk one.
+fn framing(c: &mut Criterion) {
+    use campaign_gate::framing::{Framer, Limits, Scan};
+    let limits = Limits {
+        max_header_bytes: 65536,
+        max_headers: 100,
+        max_uri_bytes: 8192,
+    };
+    let bearer = format!("Bearer {}", fixture::token(1));
+    let wrk = format!(
+        "GET /campaignapi/resources/v3/events HTTP/1.1\r\nHost: bench\r\nAuthorization: {bearer}\r\n\r\n"
+    );
+    let browser = format!(
+        "GET /campaignapi/resources/v3/events?limit=10 HTTP/1.1\r\nHost: api.example.com\r\n\
+         User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0\r\n\
+         Accept: application/json\r\nAccept-Language: en-US,en;q=0.5\r\n\
+         Accept-Encoding: gzip, deflate, br\r\nAuthorization: {bearer}\r\n\
+         Connection: keep-alive\r\nCookie: session=abc\r\n\
+         X-Request-Id: b0c5e1d2-7f3a-4e8b-9c6d-1a2b3c4d5e6f\r\n\r\n"
+    );
+    let pipeline = wrk.repeat(10);
+    let mut g = c.benchmark_group("framing");
+    for (name, bytes) in [
+        ("head_wrk", &wrk),
+        ("head_browser", &browser),
+        ("pipeline_10_wrk", &pipeline),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let mut f = Framer::new(limits);
+                let scan = f.scan(std::hint::black_box(bytes.as_bytes()));
+                assert_eq!(scan, Scan::Clear(bytes.len()));
+            })
+        });
+    }
+    g.finish();
+}
+
 fn settings() -> Criterion {
     Criterion::default()
         .sample_size(40)
@@ -295,6 +335,6 @@ fn settings() -> Criterion {
 criterion_group! {
     name = benches;
     config = settings();
-    targets = bearer, path, routes, grants, cache, headers
+    targets = bearer, path, routes, grants, cache, headers, framing
 }
 criterion_main!(benches);

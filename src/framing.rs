@@ -154,7 +154,8 @@ impl Framer {
                     // An incomplete head is parsed again only once its end may have
                     // come (an empty line), so a drip costs one search per read, not
                     // one parse.
-                    if *searched > 0 && !ends_head(&rest[(*searched).saturating_sub(3)..]) {
+                    let from = (*searched).saturating_sub(3).min(rest.len());
+                    if *searched > 0 && !ends_head(&rest[from..]) {
                         return self.incomplete(at, rest);
                     }
                     match check_head(rest, &self.limits) {
@@ -591,5 +592,115 @@ mod tests {
         let stream = b"\r\n\r\nGET / HTTP/1.1\r\n\r\n";
         assert_eq!(scan_all(stream), (Scan::Clear(stream.len()), 1));
         assert_eq!(scan_in_pieces(stream, 1), (stream.len(), None, 1));
+    }
+
+    mod property {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// One request as a client might frame it: no body, a `Content-Length` body,
+        /// or a chunked body in chunks (with an extension and a trailer now and then).
+        #[derive(Debug, Clone)]
+        enum Req {
+            Bare(String),
+            Sized(String, Vec<u8>),
+            Chunked(String, Vec<Vec<u8>>, bool, bool),
+        }
+
+        fn req() -> impl Strategy<Value = Req> {
+            let path = "/[a-z0-9/._~-]{0,40}";
+            let body = proptest::collection::vec(any::<u8>(), 0..300);
+            prop_oneof![
+                path.prop_map(Req::Bare),
+                (path, body.clone()).prop_map(|(p, b)| Req::Sized(p, b)),
+                (
+                    path,
+                    proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..100), 0..4),
+                    any::<bool>(),
+                    any::<bool>()
+                )
+                    .prop_map(|(p, c, ext, trailer)| Req::Chunked(p, c, ext, trailer)),
+            ]
+        }
+
+        fn bytes(r: &Req) -> Vec<u8> {
+            match r {
+                Req::Bare(p) => format!("GET /{p} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes(),
+                Req::Sized(p, body) => {
+                    let mut b = format!(
+                        "POST /{p} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    b.extend_from_slice(body);
+                    b
+                }
+                Req::Chunked(p, chunks, ext, trailer) => {
+                    let mut b = format!(
+                        "POST /{p} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    )
+                    .into_bytes();
+                    for c in chunks {
+                        let ext = if *ext { ";a=b" } else { "" };
+                        b.extend_from_slice(format!("{:X}{ext}\r\n", c.len()).as_bytes());
+                        b.extend_from_slice(c);
+                        b.extend_from_slice(b"\r\n");
+                    }
+                    b.extend_from_slice(b"0\r\n");
+                    if *trailer {
+                        b.extend_from_slice(b"x-t: 1\r\n");
+                    }
+                    b.extend_from_slice(b"\r\n");
+                    b
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// However the stream is cut into reads, every head is found where it
+            /// starts (bodies may hold anything, heads included), all of it is cleared,
+            /// and nothing is refused.
+            #[test]
+            fn pipelined_requests_are_framed_whatever_the_reads(
+                reqs in proptest::collection::vec(req(), 1..8),
+                step in 1usize..600,
+            ) {
+                let stream: Vec<u8> = reqs.iter().flat_map(bytes).collect();
+                prop_assert_eq!(
+                    scan_in_pieces(&stream, step),
+                    (stream.len(), None, reqs.len() as u64)
+                );
+            }
+
+            /// Any bytes, cut anywhere: no panic, and what is cleared never shrinks.
+            #[test]
+            fn any_bytes_are_scanned_without_panic(
+                bytes in proptest::collection::vec(any::<u8>(), 0..2000),
+                step in 1usize..300,
+            ) {
+                let (cleared, _, _) = scan_in_pieces(&bytes, step);
+                prop_assert!(cleared <= bytes.len());
+            }
+
+            /// A CL+TE head anywhere in a pipeline is refused at its own start, after
+            /// exactly the requests before it.
+            #[test]
+            fn a_cl_te_head_is_refused_where_it_starts(
+                before in proptest::collection::vec(req(), 0..5),
+                step in 1usize..600,
+            ) {
+                let mut stream: Vec<u8> = before.iter().flat_map(bytes).collect();
+                let at = stream.len();
+                stream.extend_from_slice(
+                    b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                );
+                prop_assert_eq!(
+                    scan_in_pieces(&stream, step),
+                    (at, Some(Refusal::BadRequest), before.len() as u64)
+                );
+            }
+        }
     }
 }
