@@ -182,3 +182,48 @@ async fn tls_terminates_and_certificates_reload_without_restart() {
     assert_eq!((status, presented), (200, second));
     gateway.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_framing_guard_works_inside_tls_too() {
+    // The guard sits on the decrypted stream: Content-Length with Transfer-Encoding
+    // over TLS is refused with the JSON 400 and the connection closed, nothing forwarded.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = RecordingBackend::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = write_cert(dir.path(), "gate");
+    let tls = format!(
+        "{{ cert = {:?}, key = {:?} }}",
+        dir.path().join("gate.crt").display().to_string(),
+        dir.path().join("gate.key").display().to_string()
+    );
+    let env = TestEnv::builder()
+        .upstream(&backend.url())
+        .set("server", "tls", &tls)
+        .build();
+    let token = env.create_api_user("alice", &["events"]);
+    let gateway = env.start_gateway().await;
+    let tcp = TcpStream::connect(gateway.addr).await.expect("connect");
+    let mut stream = connector(std::slice::from_ref(&cert), b"http/1.1")
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("handshake");
+    let request = format!(
+        "POST {EVENTS} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut reply))
+        .await
+        .expect("the connection was not closed")
+        .ok();
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 400 "), "{reply}");
+    assert!(reply.contains(r#""error":"bad_request""#), "{reply}");
+    assert!(
+        reply.to_ascii_lowercase().contains("connection: close"),
+        "{reply}"
+    );
+    backend.assert_untouched("CL+TE over TLS");
+    gateway.shutdown().await;
+}
