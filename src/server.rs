@@ -601,7 +601,7 @@ async fn handle(
                 &head.method,
                 &request_id,
                 None,
-                rejection.principal.as_deref(),
+                rejection.principal.as_ref(),
                 outcome_of(refusal),
                 resp.status().as_u16(),
                 started,

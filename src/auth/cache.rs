@@ -26,9 +26,9 @@
 //! served as fresh: one entry per key, not two. Entries that can no longer answer are
 //! evicted first and swept (see [`Authenticator::sweep`]).
 //!
-//! Memory: a key costs its table slot (48 bytes and ~10 of index), its [`Principal`]
-//! and key-id header, and a share of its user's [`Identity`], which the user's keys have
-//! in common; tenants' header values are shared by all their users.
+//! Memory: a key costs its table slot (120 bytes, its [`Principal`] inline, and ~10 of
+//! index), its key-id header's bytes, and a share of its user's [`Identity`], which the
+//! user's keys have in common; tenants' header values are shared by all their users.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -93,6 +93,10 @@ impl Identity {
 }
 
 /// Who a token authenticates as: its user, and what belongs to the token itself.
+///
+/// Held by value: in its table slot, in the front maps and in each admission, so that a
+/// cached key costs no allocation of its own. A copy bumps two reference counts (the
+/// identity, and the key-id header's bytes).
 #[derive(Debug)]
 pub struct Principal {
     pub user: Arc<Identity>,
@@ -102,13 +106,30 @@ pub struct Principal {
     deadline_ms: u64,
     /// For an access token of the deprecated flow: its parent secret key. `None` for a
     /// secret key, which stands for itself.
-    parent: Option<Box<TokenHash>>,
-    /// When a use of this key was last queued for recording (ms; 0 = never).
+    parent: Option<Arc<TokenHash>>,
+    /// When a use of this key was last queued for recording (ms; 0 = never). The copy
+    /// in the table is the key's own; a front copy says what its thread last saw, so
+    /// that a hit reads no shared line to know that no use is due (see
+    /// [`Authenticator::note_use`]).
     use_noted_ms: AtomicU64,
     /// When the store answered (ms): fresh until `cache_ttl` later, usable as the stale
     /// copy while the store is down until `stale_if_error` later.
     fetched_ms: u64,
     stamp: Stamp,
+}
+
+impl Clone for Principal {
+    fn clone(&self) -> Self {
+        Principal {
+            user: self.user.clone(),
+            key_id_header: self.key_id_header.clone(),
+            deadline_ms: self.deadline_ms,
+            parent: self.parent.clone(),
+            use_noted_ms: AtomicU64::new(self.use_noted_ms.load(Ordering::Relaxed)),
+            fetched_ms: self.fetched_ms,
+            stamp: self.stamp,
+        }
+    }
 }
 
 impl Principal {
@@ -178,13 +199,14 @@ struct Interners {
     tenants: Interned<HeaderValue>,
 }
 
-/// A cached answer of the store.
+/// A cached answer of the store, inline in its table slot.
 enum Entry {
     /// Fresh for `cache_ttl` after its fetch and before its deadline; kept after that as
     /// the stale copy, for `stale_if_error` after its fetch.
-    Known(Arc<Principal>),
-    /// The store does not know the token (boxed: rare, and keeps a slot at 48 bytes).
-    Unknown(Box<Negative>),
+    Known(Principal),
+    /// The store does not know the token. Fits beside the principal's niche: the
+    /// entry is no larger than a principal.
+    Unknown(Negative),
 }
 
 /// A negative entry: valid under its stamp until `until_ms`.
@@ -196,7 +218,7 @@ struct Negative {
 /// What a store lookup gave, as handed to the requests that waited for it.
 #[derive(Clone)]
 enum Loaded {
-    Known(Arc<Principal>),
+    Known(Principal),
     Unknown(Stamp),
     /// The store failed or shed the lookup: never cached, the stale copy may answer.
     Failed,
@@ -275,7 +297,7 @@ struct Front {
     owner: usize,
     /// With the user's stripe beside each principal: a hit validates without reading
     /// the shared [`Identity`] (one cache line fewer per hit).
-    map: HashMap<TokenHash, (Arc<Principal>, u16), TokenHashBuilder>,
+    map: HashMap<TokenHash, (Principal, u16), TokenHashBuilder>,
 }
 
 thread_local! {
@@ -312,6 +334,22 @@ pub struct Authenticator {
 
 /// How often a key's use is recorded at most (per key, per replica).
 pub const USE_RESOLUTION_MS: u64 = 60_000;
+
+/// Whether a use noted at `noted` may be recorded again at `now`.
+fn use_due(noted: &AtomicU64, now: u64) -> bool {
+    now >= noted
+        .load(Ordering::Relaxed)
+        .saturating_add(USE_RESOLUTION_MS)
+}
+
+/// Takes the right to record a use at `now`, if due and no other thread took it first.
+fn claim_use(noted: &AtomicU64, now: u64) -> bool {
+    let seen = noted.load(Ordering::Relaxed);
+    now >= seen.saturating_add(USE_RESOLUTION_MS)
+        && noted
+            .compare_exchange(seen, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
 
 impl Authenticator {
     pub fn new(
@@ -352,18 +390,38 @@ impl Authenticator {
     /// drops the use (the next one a minute later records it).
     /// `hash` is the token the principal was resolved from.
     pub fn note_use(&self, p: &Principal, hash: &TokenHash, now: u64) {
-        let noted = p.use_noted_ms.load(Ordering::Relaxed);
-        if now < noted.saturating_add(USE_RESOLUTION_MS)
-            || p.use_noted_ms
-                .compare_exchange(noted, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
+        // `p` is this request's copy of the front's: when no use is due as far as this
+        // thread knows, nothing shared is read.
+        if !use_due(&p.use_noted_ms, now) {
+            return;
+        }
+        // This thread will not ask again for a minute; the table's copy, which every
+        // thread's copies came from, says whether another thread recorded the use
+        // meanwhile. A key no longer in the table records it.
+        self.front_noted(hash, now);
+        let claimed = self.table.read(hash, |e| match e {
+            Entry::Known(own) => claim_use(&own.use_noted_ms, now),
+            Entry::Unknown(_) => true,
+        });
+        if claimed == Some(false) {
             return;
         }
         let _ = self.uses.try_send(KeyUse {
             user_id: p.user_id().to_owned(),
             key_hash: p.parent.as_deref().copied().unwrap_or(*hash),
             at_ms: now,
+        });
+    }
+
+    /// Marks this thread's front copy of `hash` as having noted a use at `now`.
+    fn front_noted(&self, hash: &TokenHash, now: u64) {
+        FRONT.with(|f| {
+            let f = f.borrow();
+            if f.owner == self.id
+                && let Some((p, _)) = f.map.get(hash)
+            {
+                p.use_noted_ms.store(now, Ordering::Relaxed);
+            }
         });
     }
 
@@ -405,7 +463,7 @@ impl Authenticator {
         hash: &TokenHash,
         e: &Entry,
         now: u64,
-    ) -> Option<Result<Arc<Principal>, AuthFailure>> {
+    ) -> Option<Result<Principal, AuthFailure>> {
         match e {
             Entry::Known(p) if self.fresh(p, now) && self.principal_valid(hash, p) => {
                 Some(Ok(p.clone()))
@@ -438,7 +496,7 @@ impl Authenticator {
         &self,
         hash: &TokenHash,
         routes: &RouteTable,
-    ) -> Result<Arc<Principal>, AuthFailure> {
+    ) -> Result<Principal, AuthFailure> {
         let now = now_ms();
         if let Some(p) = self.front_get(hash, now) {
             self.metrics.cache_hits.inc();
@@ -469,10 +527,10 @@ impl Authenticator {
                             Some(Entry::Known(p.clone()))
                         }
                         Loaded::Unknown(stamp) if *stamp == self.current_stamp(hash, None) => {
-                            Some(Entry::Unknown(Box::new(Negative {
+                            Some(Entry::Unknown(Negative {
                                 stamp: *stamp,
                                 until_ms: now_ms().saturating_add(self.negative_ttl_ms),
-                            })))
+                            }))
                         }
                         _ => None,
                     };
@@ -509,15 +567,15 @@ impl Authenticator {
     fn answer(
         &self,
         hash: &TokenHash,
-        answer: Result<Arc<Principal>, AuthFailure>,
-    ) -> Result<Arc<Principal>, AuthFailure> {
+        answer: Result<Principal, AuthFailure>,
+    ) -> Result<Principal, AuthFailure> {
         if let Ok(p) = &answer {
             self.front_put(hash, p);
         }
         answer
     }
 
-    fn front_get(&self, hash: &TokenHash, now: u64) -> Option<Arc<Principal>> {
+    fn front_get(&self, hash: &TokenHash, now: u64) -> Option<Principal> {
         FRONT.with(|f| {
             let f = f.borrow();
             if f.owner != self.id {
@@ -530,7 +588,7 @@ impl Authenticator {
         })
     }
 
-    fn front_put(&self, hash: &TokenHash, p: &Arc<Principal>) {
+    fn front_put(&self, hash: &TokenHash, p: &Principal) {
         FRONT.with(|f| {
             let mut f = f.borrow_mut();
             if f.owner != self.id || f.map.len() >= FRONT_CAPACITY {
@@ -544,7 +602,7 @@ impl Authenticator {
     /// The answer while the store is down: the cached copy of a known key if it is
     /// still valid and within `stale_if_error` of its fetch, else "unavailable" (never
     /// fail open). The caller still checks its deadline.
-    fn serve_stale(&self, hash: &TokenHash) -> Result<Arc<Principal>, AuthFailure> {
+    fn serve_stale(&self, hash: &TokenHash) -> Result<Principal, AuthFailure> {
         let now = now_ms();
         let stale = self.table.read(hash, |e| match e {
             Entry::Known(p)
@@ -584,19 +642,17 @@ impl Authenticator {
         match result {
             Ok(Some(resolved)) => {
                 let fetched_ms = now_ms();
-                let user = self.identity(&resolved, routes);
+                let (user, key_id_header) = self.compile(&resolved, routes);
                 // The user is known only now. Read its stripe, then the user epoch: an
                 // invalidation of any user since the lookup began shows in the epoch
                 // (bumped before the stripe), and then the entry is born invalid.
                 let user_gen = self.stripes[usize::from(user.stripe)].load(Ordering::Acquire);
                 let user_changed = self.user_epoch.load(Ordering::Acquire) != epoch;
-                let header =
-                    |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static(""));
-                Loaded::Known(Arc::new(Principal {
+                Loaded::Known(Principal {
                     user,
-                    key_id_header: header(&resolved.key_id),
+                    key_id_header,
                     deadline_ms: resolved.deadline_ms.unwrap_or(u64::MAX),
-                    parent: resolved.access_token.then(|| Box::new(resolved.key_hash)),
+                    parent: resolved.access_token.then(|| Arc::new(resolved.key_hash)),
                     use_noted_ms: AtomicU64::new(0),
                     fetched_ms,
                     stamp: if user_changed {
@@ -604,7 +660,7 @@ impl Authenticator {
                     } else {
                         key_only.wrapping_add(user_gen)
                     },
-                }))
+                })
             }
             Ok(None) => Loaded::Unknown(key_only),
             Err(e) => {
@@ -616,8 +672,8 @@ impl Authenticator {
     }
 
     /// The user of a store answer, shared with the user's other cached tokens when the
-    /// record is the same.
-    fn identity(&self, r: &Resolved, routes: &RouteTable) -> Arc<Identity> {
+    /// record is the same, and the key-id header.
+    fn compile(&self, r: &Resolved, routes: &RouteTable) -> (Arc<Identity>, HeaderValue) {
         let header = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static(""));
         let user_id_header = header(&r.user.id);
         let tenant_header = header(&r.user.tenant);
@@ -638,7 +694,8 @@ impl Authenticator {
             // STRIPES fits in u16.
             stripe: u16::try_from(user_stripe(&r.user.id)).unwrap_or(0),
         };
-        interned.identities.intern(key, id)
+        let key_id_header = header(&r.key_id);
+        (interned.identities.intern(key, id), key_id_header)
     }
 
     /// Applies an invalidation from the store. The generation is bumped first, so every
@@ -741,7 +798,8 @@ mod tests {
         let first = f.auth.resolve(&f.token, &f.routes).await.expect("known");
         let lookups = f.auth.metrics.store_lookups.get();
         let again = f.auth.resolve(&f.token, &f.routes).await.expect("known");
-        assert!(Arc::ptr_eq(&first, &again));
+        assert!(Arc::ptr_eq(&first.user, &again.user));
+        assert_eq!(first.key_id_header, again.key_id_header);
         assert_eq!(f.auth.metrics.store_lookups.get(), lookups);
         assert!(f.auth.front_get(&f.token, now_ms()).is_some());
     }
@@ -852,13 +910,35 @@ mod tests {
         );
     }
 
-    /// The per-key and per-user sizes the memory figures in BENCHMARKS.md rest on: with
-    /// the `Arc` counts, 104 and 88 bytes, the 112- and 96-byte allocations of glibc.
+    #[tokio::test]
+    async fn a_use_is_noted_once_a_minute_whichever_thread_sees_it() {
+        let f = fixture().await;
+        let mut uses = f.auth.take_uses().expect("uses");
+        let now = now_ms();
+        for _ in 0..3 {
+            let p = f.auth.resolve(&f.token, &f.routes).await.expect("known");
+            f.auth.note_use(&p, &f.token, now);
+        }
+        assert_eq!(uses.try_recv().map(|u| u.at_ms), Ok(now));
+        assert!(uses.try_recv().is_err(), "once");
+        // Another thread's front copy comes from the table's, which has the use.
+        FRONT.with(|front| front.borrow_mut().map.clear());
+        let p = f.auth.resolve(&f.token, &f.routes).await.expect("known");
+        f.auth.note_use(&p, &f.token, now + 1);
+        assert!(uses.try_recv().is_err(), "not again within the minute");
+        let later = now + USE_RESOLUTION_MS;
+        f.auth.note_use(&p, &f.token, later);
+        assert_eq!(uses.try_recv().map(|u| u.at_ms), Ok(later));
+    }
+
+    /// The per-key and per-user sizes the memory figures in BENCHMARKS.md rest on: a
+    /// principal lives in its 120-byte table slot, an identity (with the `Arc` counts,
+    /// 88 bytes) in a 96-byte allocation of glibc.
     #[test]
     fn cached_values_keep_their_size() {
         assert_eq!(std::mem::size_of::<Principal>(), 88);
         assert_eq!(std::mem::size_of::<Identity>(), 72);
-        assert_eq!(std::mem::size_of::<(TokenHash, Entry)>(), 48);
+        assert_eq!(std::mem::size_of::<(TokenHash, Entry)>(), 120);
     }
 
     #[test]
