@@ -27,8 +27,9 @@
 //! evicted first and swept (see [`Authenticator::sweep`]).
 //!
 //! Memory: a key costs its table slot (120 bytes, its [`Principal`] inline, and ~10 of
-//! index), its key-id header's bytes, and a share of its user's [`Identity`], which the
-//! user's keys have in common; tenants' header values are shared by all their users.
+//! index), its key-id header's bytes in a shared chunk, and a share of its user's
+//! [`Identity`], which the user's keys have in common; tenants' header values are shared
+//! by all their users.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -39,6 +40,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use http::HeaderValue;
 use tokio::sync::{Semaphore, mpsc};
 
@@ -96,10 +98,12 @@ impl Identity {
 ///
 /// Held by value: in its table slot, in the front maps and in each admission, so that a
 /// cached key costs no allocation of its own. A copy bumps two reference counts (the
-/// identity, and the key-id header's bytes).
+/// identity, and the chunk its key-id header was carved from; see [`HeaderArena`]).
 #[derive(Debug)]
 pub struct Principal {
     pub user: Arc<Identity>,
+    /// Carved from a [`HeaderArena`] chunk: cloned for each forwarded request without
+    /// an allocation.
     pub key_id_header: HeaderValue,
     /// Refused from this instant on (ms since the Unix epoch; `u64::MAX`: never),
     /// checked on every request.
@@ -193,10 +197,36 @@ impl<T: PartialEq> Interned<T> {
     }
 }
 
-/// The shared users and tenants of the cached tokens.
+/// Bytes of header values carved from shared chunks: one allocation (and one shared
+/// count) per chunk of [`ARENA_CHUNK`] bytes instead of one per value, and a clone never
+/// allocates (a value built from a `Vec` allocates its shared count on its first
+/// clone). A chunk is freed once every value carved from it is dropped: used for key
+/// ids, whose principals all expire within `cache_ttl` or `stale_if_error` of their
+/// fetch, so a chunk is not kept alive long by a few survivors.
+struct HeaderArena {
+    chunk: BytesMut,
+}
+
+/// Bytes per [`HeaderArena`] chunk: 14 UUIDs, 73 ids of 7 bytes.
+const ARENA_CHUNK: usize = 512;
+
+impl HeaderArena {
+    /// `s` as a header value (empty if it is not a valid one).
+    fn value(&mut self, s: &str) -> HeaderValue {
+        if self.chunk.capacity() < s.len() {
+            self.chunk = BytesMut::with_capacity(ARENA_CHUNK.max(s.len()));
+        }
+        self.chunk.extend_from_slice(s.as_bytes());
+        HeaderValue::from_maybe_shared(self.chunk.split().freeze())
+            .unwrap_or(HeaderValue::from_static(""))
+    }
+}
+
+/// The shared users and tenants of the cached tokens, and the chunks of their key ids.
 struct Interners {
     identities: Interned<Identity>,
     tenants: Interned<HeaderValue>,
+    key_ids: HeaderArena,
 }
 
 /// A cached answer of the store, inline in its table slot.
@@ -376,6 +406,9 @@ impl Authenticator {
             interned: parking_lot::Mutex::new(Interners {
                 identities: Interned::new(|id| fnv1a(id.user_id_header.as_bytes())),
                 tenants: Interned::new(|t| fnv1a(t.as_bytes())),
+                key_ids: HeaderArena {
+                    chunk: BytesMut::new(),
+                },
             }),
             lookups: Semaphore::new(MAX_INFLIGHT_LOOKUPS),
             metrics,
@@ -694,7 +727,7 @@ impl Authenticator {
             // STRIPES fits in u16.
             stripe: u16::try_from(user_stripe(&r.user.id)).unwrap_or(0),
         };
-        let key_id_header = header(&r.key_id);
+        let key_id_header = interned.key_ids.value(&r.key_id);
         (interned.identities.intern(key, id), key_id_header)
     }
 
@@ -929,6 +962,22 @@ mod tests {
         let later = now + USE_RESOLUTION_MS;
         f.auth.note_use(&p, &f.token, later);
         assert_eq!(uses.try_recv().map(|u| u.at_ms), Ok(later));
+    }
+
+    #[test]
+    fn key_id_headers_are_carved_from_shared_chunks() {
+        let mut arena = HeaderArena {
+            chunk: BytesMut::new(),
+        };
+        let long = "x".repeat(ARENA_CHUNK + 1);
+        let ids: Vec<String> = (0..200).map(|i| format!("k{i}")).collect();
+        let values: Vec<HeaderValue> = ids.iter().map(|id| arena.value(id)).collect();
+        for (id, v) in ids.iter().zip(&values) {
+            assert_eq!(v.as_bytes(), id.as_bytes());
+        }
+        assert_eq!(arena.value(&long).as_bytes(), long.as_bytes());
+        assert_eq!(arena.value("a\nb").as_bytes(), b"", "not a header value");
+        assert_eq!(arena.value("after").as_bytes(), b"after");
     }
 
     /// The per-key and per-user sizes the memory figures in BENCHMARKS.md rest on: a
