@@ -160,14 +160,16 @@ impl Principal {
 /// Shares equal immutable values: the identities of a user's keys, the tenant header
 /// of its users. Holds weak references only (8 bytes each): a value lives as long as a
 /// cached token uses it, and dead references are dropped before the table would grow.
-/// Used on cache misses only.
+/// Used on cache misses only: a value is looked up ([`Interned::find`]) before it is
+/// built, so that a shared one costs no allocation.
 struct Interned<T> {
     table: HashTable<Weak<T>>,
-    /// The hash a value is found by; must agree with the one `intern` is given.
+    /// The hash a value is found by; must agree with the one `find` and `insert` are
+    /// given.
     hash_of: fn(&T) -> u64,
 }
 
-impl<T: PartialEq> Interned<T> {
+impl<T> Interned<T> {
     fn new(hash_of: fn(&T) -> u64) -> Self {
         Interned {
             table: HashTable::new(),
@@ -175,15 +177,15 @@ impl<T: PartialEq> Interned<T> {
         }
     }
 
-    /// The shared value equal to `value`, or `value` itself, now shared.
-    fn intern(&mut self, hash: u64, value: T) -> Arc<T> {
-        let found = self
-            .table
-            .find(hash, |w| w.upgrade().is_some_and(|s| *s == value))
-            .and_then(Weak::upgrade);
-        if let Some(shared) = found {
-            return shared;
-        }
+    /// The live shared value with this hash that `same` accepts.
+    fn find(&self, hash: u64, same: impl Fn(&T) -> bool) -> Option<Arc<T>> {
+        self.table
+            .find(hash, |w| w.upgrade().is_some_and(|s| same(&s)))
+            .and_then(Weak::upgrade)
+    }
+
+    /// Shares `value`, which [`Interned::find`] did not find.
+    fn insert(&mut self, hash: u64, value: T) -> Arc<T> {
         if self.table.len() == self.table.capacity() {
             self.table.retain(|w| w.strong_count() > 0);
         }
@@ -301,6 +303,12 @@ pub fn now_ms() -> u64 {
 
 fn key_stripe(hash: &TokenHash) -> usize {
     (usize::from(hash.0[8]) << 8 | usize::from(hash.0[9])) & (STRIPES - 1)
+}
+
+/// The bytes `s` has as a header value: its own, or none if it is not a valid one.
+fn header_bytes(s: &str) -> &[u8] {
+    let valid = s.bytes().all(|b| (b >= 32 && b != 127) || b == b'\t');
+    if valid { s.as_bytes() } else { b"" }
 }
 
 /// FNV-1a: stable, and user ids and tenants are not attacker-chosen at request time.
@@ -706,29 +714,48 @@ impl Authenticator {
 
     /// The user of a store answer, shared with the user's other cached tokens when the
     /// record is the same, and the key-id header.
+    /// The identity is looked up first: only a user not cached yet (or whose record
+    /// changed) builds its header values.
     fn compile(&self, r: &Resolved, routes: &RouteTable) -> (Arc<Identity>, HeaderValue) {
-        let header = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static(""));
-        let user_id_header = header(&r.user.id);
-        let tenant_header = header(&r.user.tenant);
         let grants = routes.compile_grants(&r.user.grants);
-        let mut interned = self.interned.lock();
-        let tenant_header = interned
-            .tenants
-            .intern(fnv1a(tenant_header.as_bytes()), tenant_header);
         // The stripe of the id as given; the header's bytes are the same unless the id
-        // is not a valid header value (then both are empty).
-        let key = fnv1a(user_id_header.as_bytes());
+        // is not a valid header value (then they are empty).
+        // STRIPES fits in u16.
+        let stripe = u16::try_from(user_stripe(&r.user.id)).unwrap_or(0);
+        let (user_id, tenant) = (header_bytes(&r.user.id), header_bytes(&r.user.tenant));
+        let key = fnv1a(user_id);
+        let mut guard = self.interned.lock();
+        let interned = &mut *guard;
+        let key_id_header = interned.key_ids.value(&r.key_id);
+        let same = |id: &Identity| {
+            id.stripe == stripe
+                && id.user_id_header.as_bytes() == user_id
+                && id.tenant_header.as_bytes() == tenant
+                && id.kind == r.user.kind
+                && id.disabled == r.user.disabled
+                && id.grants == grants
+        };
+        if let Some(shared) = interned.identities.find(key, same) {
+            return (shared, key_id_header);
+        }
+        let header = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static(""));
+        let tenant_key = fnv1a(tenant);
+        let tenant_header = match interned
+            .tenants
+            .find(tenant_key, |t| t.as_bytes() == tenant)
+        {
+            Some(shared) => shared,
+            None => interned.tenants.insert(tenant_key, header(&r.user.tenant)),
+        };
         let id = Identity {
-            user_id_header,
+            user_id_header: header(&r.user.id),
             tenant_header,
             kind: r.user.kind,
             disabled: r.user.disabled,
             grants,
-            // STRIPES fits in u16.
-            stripe: u16::try_from(user_stripe(&r.user.id)).unwrap_or(0),
+            stripe,
         };
-        let key_id_header = interned.key_ids.value(&r.key_id);
-        (interned.identities.intern(key, id), key_id_header)
+        (interned.identities.insert(key, id), key_id_header)
     }
 
     /// Applies an invalidation from the store. The generation is bumped first, so every
@@ -978,6 +1005,11 @@ mod tests {
         assert_eq!(arena.value(&long).as_bytes(), long.as_bytes());
         assert_eq!(arena.value("a\nb").as_bytes(), b"", "not a header value");
         assert_eq!(arena.value("after").as_bytes(), b"after");
+        for s in ["u1", "a\nb", "caf\u{e9}", "tab\there", "del\u{7f}", ""] {
+            let built = HeaderValue::from_str(s).map_or(Vec::new(), |v| v.as_bytes().to_vec());
+            assert_eq!(header_bytes(s), built, "{s:?}");
+            assert_eq!(arena.value(s).as_bytes(), built, "{s:?}");
+        }
     }
 
     /// The per-key and per-user sizes the memory figures in BENCHMARKS.md rest on: a
