@@ -76,7 +76,8 @@ type Stamp = u64;
 /// `Interned`), so a user's keys hold one copy between them.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Identity {
-    /// The user id, as forwarded in the identity header (and the only copy of it).
+    /// The user id, as forwarded in the identity header (and the only copy of it),
+    /// carved from a `HeaderArena` chunk.
     pub user_id_header: HeaderValue,
     /// Shared by every identity of the tenant.
     pub tenant_header: Arc<HeaderValue>,
@@ -98,11 +99,11 @@ impl Identity {
 ///
 /// Held by value: in its table slot, in the front maps and in each admission, so that a
 /// cached key costs no allocation of its own. A copy bumps two reference counts (the
-/// identity, and the chunk its key-id header was carved from; see [`HeaderArena`]).
+/// identity, and the chunk its key-id header was carved from; see `HeaderArena`).
 #[derive(Debug)]
 pub struct Principal {
     pub user: Arc<Identity>,
-    /// Carved from a [`HeaderArena`] chunk: cloned for each forwarded request without
+    /// Carved from a `HeaderArena` chunk: cloned for each forwarded request without
     /// an allocation.
     pub key_id_header: HeaderValue,
     /// Refused from this instant on (ms since the Unix epoch; `u64::MAX`: never),
@@ -200,23 +201,38 @@ impl<T> Interned<T> {
 }
 
 /// Bytes of header values carved from shared chunks: one allocation (and one shared
-/// count) per chunk of [`ARENA_CHUNK`] bytes instead of one per value, and a clone never
-/// allocates (a value built from a `Vec` allocates its shared count on its first
-/// clone). A chunk is freed once every value carved from it is dropped: used for key
-/// ids, whose principals all expire within `cache_ttl` or `stale_if_error` of their
-/// fetch, so a chunk is not kept alive long by a few survivors.
+/// count) per chunk instead of one per value, and a clone never allocates (a value
+/// built from a `Vec` allocates its shared count on its first clone, when it is first
+/// forwarded). A chunk is freed once every value carved from it is dropped, so one
+/// long-lived value keeps its whole chunk: see the two sizes.
 struct HeaderArena {
     chunk: BytesMut,
+    /// Bytes per chunk (more for a longer value).
+    size: usize,
 }
 
-/// Bytes per [`HeaderArena`] chunk: 14 UUIDs, 73 ids of 7 bytes.
-const ARENA_CHUNK: usize = 512;
+/// Chunk size for key ids: 14 UUIDs, 73 ids of 7 bytes. Their principals all expire
+/// within `cache_ttl` or `stale_if_error` of their fetch, so a few survivors do not
+/// keep a chunk for long.
+const KEY_ID_CHUNK: usize = 512;
+
+/// Chunk size for user ids: 3 UUIDs, 18 ids of 7 bytes. An identity lives as long as
+/// its user's keys are used, so it may keep its chunk alone: at most about 190 bytes
+/// with the shared count, against 64 or 80 for a `Vec`-backed value once forwarded.
+const USER_ID_CHUNK: usize = 128;
 
 impl HeaderArena {
+    fn new(size: usize) -> Self {
+        HeaderArena {
+            chunk: BytesMut::new(),
+            size,
+        }
+    }
+
     /// `s` as a header value (empty if it is not a valid one).
     fn value(&mut self, s: &str) -> HeaderValue {
         if self.chunk.capacity() < s.len() {
-            self.chunk = BytesMut::with_capacity(ARENA_CHUNK.max(s.len()));
+            self.chunk = BytesMut::with_capacity(self.size.max(s.len()));
         }
         self.chunk.extend_from_slice(s.as_bytes());
         HeaderValue::from_maybe_shared(self.chunk.split().freeze())
@@ -224,11 +240,12 @@ impl HeaderArena {
     }
 }
 
-/// The shared users and tenants of the cached tokens, and the chunks of their key ids.
+/// The shared users and tenants of the cached tokens, and the chunks of their ids.
 struct Interners {
     identities: Interned<Identity>,
     tenants: Interned<HeaderValue>,
     key_ids: HeaderArena,
+    user_ids: HeaderArena,
 }
 
 /// A cached answer of the store, inline in its table slot.
@@ -414,9 +431,8 @@ impl Authenticator {
             interned: parking_lot::Mutex::new(Interners {
                 identities: Interned::new(|id| fnv1a(id.user_id_header.as_bytes())),
                 tenants: Interned::new(|t| fnv1a(t.as_bytes())),
-                key_ids: HeaderArena {
-                    chunk: BytesMut::new(),
-                },
+                key_ids: HeaderArena::new(KEY_ID_CHUNK),
+                user_ids: HeaderArena::new(USER_ID_CHUNK),
             }),
             lookups: Semaphore::new(MAX_INFLIGHT_LOOKUPS),
             metrics,
@@ -748,7 +764,7 @@ impl Authenticator {
             None => interned.tenants.insert(tenant_key, header(&r.user.tenant)),
         };
         let id = Identity {
-            user_id_header: header(&r.user.id),
+            user_id_header: interned.user_ids.value(&r.user.id),
             tenant_header,
             kind: r.user.kind,
             disabled: r.user.disabled,
@@ -992,11 +1008,9 @@ mod tests {
     }
 
     #[test]
-    fn key_id_headers_are_carved_from_shared_chunks() {
-        let mut arena = HeaderArena {
-            chunk: BytesMut::new(),
-        };
-        let long = "x".repeat(ARENA_CHUNK + 1);
+    fn header_values_are_carved_from_shared_chunks() {
+        let mut arena = HeaderArena::new(KEY_ID_CHUNK);
+        let long = "x".repeat(KEY_ID_CHUNK + 1);
         let ids: Vec<String> = (0..200).map(|i| format!("k{i}")).collect();
         let values: Vec<HeaderValue> = ids.iter().map(|id| arena.value(id)).collect();
         for (id, v) in ids.iter().zip(&values) {
