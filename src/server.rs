@@ -655,10 +655,7 @@ async fn handle(
                 HeaderValue::clone(&principal.user.tenant_header),
             );
             h.insert(policy.identity.api.clone(), policy.api_header(api));
-            h.insert(
-                policy.identity.key_id.clone(),
-                principal.key_id_header.clone(),
-            );
+            h.insert(policy.identity.key_id.clone(), principal.key_id_header());
             head.uri = uri;
             let upstream_req = Request::from_parts(
                 head,
@@ -753,9 +750,7 @@ fn finish(
             method = method.as_str(),
             api = api.unwrap_or("-"),
             user = principal.map_or("-", |p| p.user_id()),
-            key_id = principal
-                .and_then(|p| p.key_id_header.to_str().ok())
-                .unwrap_or("-"),
+            key_id = principal.map_or("-", |p| p.key_id()),
             status,
             latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
             "request"

@@ -26,7 +26,7 @@
 //! served as fresh: one entry per key, not two. Entries that can no longer answer are
 //! evicted first and swept (see [`Authenticator::sweep`]).
 //!
-//! Memory: a key costs its table slot (120 bytes, its [`Principal`] inline, and ~10 of
+//! Memory: a key costs its table slot (112 bytes, its [`Principal`] inline, and ~10 of
 //! index), its key-id header's bytes in a shared chunk, and a share of its user's
 //! [`Identity`], which the user's keys have in common; tenants' header values are shared
 //! by all their users.
@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http::HeaderValue;
 use tokio::sync::{Semaphore, mpsc};
 
@@ -103,9 +103,10 @@ impl Identity {
 #[derive(Debug)]
 pub struct Principal {
     pub user: Arc<Identity>,
-    /// Carved from a `HeaderArena` chunk: cloned for each forwarded request without
-    /// an allocation.
-    pub key_id_header: HeaderValue,
+    /// The key id's bytes, valid as a header value: carved from a `HeaderArena` chunk,
+    /// cloned for each forwarded request without an allocation. Plain `Bytes`, 8 bytes
+    /// smaller than a `HeaderValue`, in every slot.
+    key_id: Bytes,
     /// Refused from this instant on (ms since the Unix epoch; `u64::MAX`: never),
     /// checked on every request.
     deadline_ms: u64,
@@ -127,7 +128,7 @@ impl Clone for Principal {
     fn clone(&self) -> Self {
         Principal {
             user: self.user.clone(),
-            key_id_header: self.key_id_header.clone(),
+            key_id: self.key_id.clone(),
             deadline_ms: self.deadline_ms,
             parent: self.parent.clone(),
             use_noted_ms: AtomicU64::new(self.use_noted_ms.load(Ordering::Relaxed)),
@@ -155,6 +156,17 @@ impl Principal {
 
     pub fn user_id(&self) -> &str {
         self.user.user_id()
+    }
+
+    /// The key id, as forwarded in the identity header (no copy of its bytes).
+    pub fn key_id_header(&self) -> HeaderValue {
+        // Checked when carved: this pass over a few bytes never fails.
+        HeaderValue::from_maybe_shared(self.key_id.clone()).unwrap_or(HeaderValue::from_static(""))
+    }
+
+    /// The key id (empty if the store held one that is not a valid header value).
+    pub fn key_id(&self) -> &str {
+        std::str::from_utf8(&self.key_id).unwrap_or("")
     }
 }
 
@@ -229,14 +241,19 @@ impl HeaderArena {
         }
     }
 
+    /// The bytes `s` has as a header value (none if it is not a valid one).
+    fn bytes(&mut self, s: &str) -> Bytes {
+        let b = header_bytes(s);
+        if self.chunk.capacity() < b.len() {
+            self.chunk = BytesMut::with_capacity(self.size.max(b.len()));
+        }
+        self.chunk.extend_from_slice(b);
+        self.chunk.split().freeze()
+    }
+
     /// `s` as a header value (empty if it is not a valid one).
     fn value(&mut self, s: &str) -> HeaderValue {
-        if self.chunk.capacity() < s.len() {
-            self.chunk = BytesMut::with_capacity(self.size.max(s.len()));
-        }
-        self.chunk.extend_from_slice(s.as_bytes());
-        HeaderValue::from_maybe_shared(self.chunk.split().freeze())
-            .unwrap_or(HeaderValue::from_static(""))
+        HeaderValue::from_maybe_shared(self.bytes(s)).unwrap_or(HeaderValue::from_static(""))
     }
 }
 
@@ -699,7 +716,7 @@ impl Authenticator {
         match result {
             Ok(Some(resolved)) => {
                 let fetched_ms = now_ms();
-                let (user, key_id_header) = self.compile(&resolved, routes);
+                let (user, key_id) = self.compile(&resolved, routes);
                 // The user is known only now. Read its stripe, then the user epoch: an
                 // invalidation of any user since the lookup began shows in the epoch
                 // (bumped before the stripe), and then the entry is born invalid.
@@ -707,7 +724,7 @@ impl Authenticator {
                 let user_changed = self.user_epoch.load(Ordering::Acquire) != epoch;
                 Loaded::Known(Principal {
                     user,
-                    key_id_header,
+                    key_id,
                     deadline_ms: resolved.deadline_ms.unwrap_or(u64::MAX),
                     parent: resolved.access_token.then(|| Arc::new(resolved.key_hash)),
                     use_noted_ms: AtomicU64::new(0),
@@ -732,7 +749,7 @@ impl Authenticator {
     /// record is the same, and the key-id header.
     /// The identity is looked up first: only a user not cached yet (or whose record
     /// changed) builds its header values.
-    fn compile(&self, r: &Resolved, routes: &RouteTable) -> (Arc<Identity>, HeaderValue) {
+    fn compile(&self, r: &Resolved, routes: &RouteTable) -> (Arc<Identity>, Bytes) {
         let grants = routes.compile_grants(&r.user.grants);
         // The stripe of the id as given; the header's bytes are the same unless the id
         // is not a valid header value (then they are empty).
@@ -742,7 +759,7 @@ impl Authenticator {
         let key = fnv1a(user_id);
         let mut guard = self.interned.lock();
         let interned = &mut *guard;
-        let key_id_header = interned.key_ids.value(&r.key_id);
+        let key_id = interned.key_ids.bytes(&r.key_id);
         let same = |id: &Identity| {
             id.stripe == stripe
                 && id.user_id_header.as_bytes() == user_id
@@ -752,7 +769,7 @@ impl Authenticator {
                 && id.grants == grants
         };
         if let Some(shared) = interned.identities.find(key, same) {
-            return (shared, key_id_header);
+            return (shared, key_id);
         }
         let header = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static(""));
         let tenant_key = fnv1a(tenant);
@@ -771,7 +788,7 @@ impl Authenticator {
             grants,
             stripe,
         };
-        (interned.identities.insert(key, id), key_id_header)
+        (interned.identities.insert(key, id), key_id)
     }
 
     /// Applies an invalidation from the store. The generation is bumped first, so every
@@ -875,7 +892,7 @@ mod tests {
         let lookups = f.auth.metrics.store_lookups.get();
         let again = f.auth.resolve(&f.token, &f.routes).await.expect("known");
         assert!(Arc::ptr_eq(&first.user, &again.user));
-        assert_eq!(first.key_id_header, again.key_id_header);
+        assert_eq!(first.key_id_header(), again.key_id_header());
         assert_eq!(f.auth.metrics.store_lookups.get(), lookups);
         assert!(f.auth.front_get(&f.token, now_ms()).is_some());
     }
@@ -970,7 +987,8 @@ mod tests {
         let a = f.auth.resolve(&f.token, &f.routes).await.expect("key 1");
         let b = f.auth.resolve(&second, &f.routes).await.expect("key 2");
         assert!(Arc::ptr_eq(&a.user, &b.user), "one identity for both keys");
-        assert_ne!(a.key_id_header, b.key_id_header);
+        assert_ne!(a.key_id_header(), b.key_id_header());
+        assert_eq!(a.key_id_header().as_bytes(), a.key_id().as_bytes());
         assert_eq!(a.user_id(), "u1");
 
         f.auth
@@ -1027,13 +1045,13 @@ mod tests {
     }
 
     /// The per-key and per-user sizes the memory figures in BENCHMARKS.md rest on: a
-    /// principal lives in its 120-byte table slot, an identity (with the `Arc` counts,
+    /// principal lives in its 112-byte table slot, an identity (with the `Arc` counts,
     /// 88 bytes) in a 96-byte allocation of glibc.
     #[test]
     fn cached_values_keep_their_size() {
-        assert_eq!(std::mem::size_of::<Principal>(), 88);
+        assert_eq!(std::mem::size_of::<Principal>(), 80);
         assert_eq!(std::mem::size_of::<Identity>(), 72);
-        assert_eq!(std::mem::size_of::<(TokenHash, Entry)>(), 120);
+        assert_eq!(std::mem::size_of::<(TokenHash, Entry)>(), 112);
     }
 
     #[test]
