@@ -27,7 +27,7 @@
 //! evicted first and swept (see [`Authenticator::sweep`]).
 //!
 //! Memory: a key costs its table slot (112 bytes, its [`Principal`] inline, and ~10 of
-//! index), its key-id header's bytes in a shared chunk, and a share of its user's
+//! index), its key id's bytes in a shared chunk, and a share of its user's
 //! [`Identity`], which the user's keys have in common; tenants' header values are shared
 //! by all their users.
 
@@ -99,7 +99,7 @@ impl Identity {
 ///
 /// Held by value: in its table slot, in the front maps and in each admission, so that a
 /// cached key costs no allocation of its own. A copy bumps two reference counts (the
-/// identity, and the chunk its key-id header was carved from; see `HeaderArena`).
+/// identity, and the chunk its key id was carved from; see `HeaderArena`).
 #[derive(Debug)]
 pub struct Principal {
     pub user: Arc<Identity>,
@@ -746,9 +746,8 @@ impl Authenticator {
     }
 
     /// The user of a store answer, shared with the user's other cached tokens when the
-    /// record is the same, and the key-id header.
-    /// The identity is looked up first: only a user not cached yet (or whose record
-    /// changed) builds its header values.
+    /// record is the same, and the key id's bytes. The identity is looked up first: only
+    /// a user not cached yet (or whose record changed) builds its header values.
     fn compile(&self, r: &Resolved, routes: &RouteTable) -> (Arc<Identity>, Bytes) {
         let grants = routes.compile_grants(&r.user.grants);
         // The stripe of the id as given; the header's bytes are the same unless the id
