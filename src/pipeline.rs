@@ -3,7 +3,6 @@
 
 use std::borrow::Cow;
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderValue, Method, Version, request};
@@ -64,7 +63,7 @@ impl Policy {
 /// A request that passed every check.
 #[derive(Debug)]
 pub struct Admission<'a> {
-    pub principal: Arc<Principal>,
+    pub principal: Principal,
     pub api: ApiId,
     /// The canonical path: what was matched, and exactly what is forwarded.
     pub path: Cow<'a, str>,
@@ -75,7 +74,7 @@ pub struct Admission<'a> {
 pub struct Rejection {
     pub refusal: Refusal,
     /// The principal, when authentication succeeded before the refusal.
-    pub principal: Option<Arc<Principal>>,
+    pub principal: Option<Principal>,
 }
 
 impl From<Refusal> for Rejection {
@@ -284,7 +283,7 @@ pub async fn resolve_counted(
     routes: &RouteTable,
     client: IpAddr,
     now: u64,
-) -> Result<Arc<Principal>, Refusal> {
+) -> Result<Principal, Refusal> {
     match auth.resolve(hash, routes).await {
         Ok(p) => Ok(p),
         Err(AuthFailure::Unknown) => Err(failed_authentication(auth, client, now)),
@@ -319,7 +318,7 @@ pub async fn admit<'a>(
 pub fn authorize<'a>(
     head: &request::Parts,
     path: Cow<'a, str>,
-    principal: Arc<Principal>,
+    principal: Principal,
     routes: &RouteTable,
 ) -> Result<Admission<'a>, Rejection> {
     let refuse = |refusal, principal| {

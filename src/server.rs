@@ -634,7 +634,7 @@ async fn handle(
                 head.method.as_str(),
                 &request_id,
                 None,
-                rejection.principal.as_deref(),
+                rejection.principal.as_ref(),
                 outcome_of(refusal),
                 resp.status().as_u16(),
                 started,
@@ -688,10 +688,7 @@ async fn handle(
                 HeaderValue::clone(&principal.user.tenant_header),
             );
             h.insert(policy.identity.api.clone(), policy.api_header(api));
-            h.insert(
-                policy.identity.key_id.clone(),
-                principal.key_id_header.clone(),
-            );
+            h.insert(policy.identity.key_id.clone(), principal.key_id_header());
             head.uri = uri;
             let upstream_req = Request::from_parts(
                 head,
@@ -786,9 +783,7 @@ fn finish(
             method,
             api = api.unwrap_or("-"),
             user = principal.map_or("-", |p| p.user_id()),
-            key_id = principal
-                .and_then(|p| p.key_id_header.to_str().ok())
-                .unwrap_or("-"),
+            key_id = principal.map_or("-", |p| p.key_id()),
             status,
             latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
             "request"

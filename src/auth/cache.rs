@@ -26,9 +26,10 @@
 //! served as fresh: one entry per key, not two. Entries that can no longer answer are
 //! evicted first and swept (see [`Authenticator::sweep`]).
 //!
-//! Memory: a key costs its table slot (48 bytes and ~10 of index), its [`Principal`]
-//! and key-id header, and a share of its user's [`Identity`], which the user's keys have
-//! in common; tenants' header values are shared by all their users.
+//! Memory: a key costs its table slot (112 bytes, its [`Principal`] inline, and ~10 of
+//! index), its key id's bytes in a shared chunk, and a share of its user's
+//! [`Identity`], which the user's keys have in common; tenants' header values are shared
+//! by all their users.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -39,6 +40,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use http::HeaderValue;
 use tokio::sync::{Semaphore, mpsc};
 
@@ -74,7 +76,8 @@ type Stamp = u64;
 /// `Interned`), so a user's keys hold one copy between them.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Identity {
-    /// The user id, as forwarded in the identity header (and the only copy of it).
+    /// The user id, as forwarded in the identity header (and the only copy of it),
+    /// carved from a `HeaderArena` chunk.
     pub user_id_header: HeaderValue,
     /// Shared by every identity of the tenant.
     pub tenant_header: Arc<HeaderValue>,
@@ -93,22 +96,46 @@ impl Identity {
 }
 
 /// Who a token authenticates as: its user, and what belongs to the token itself.
+///
+/// Held by value: in its table slot, in the front maps and in each admission, so that a
+/// cached key costs no allocation of its own. A copy bumps two reference counts (the
+/// identity, and the chunk its key id was carved from; see `HeaderArena`).
 #[derive(Debug)]
 pub struct Principal {
     pub user: Arc<Identity>,
-    pub key_id_header: HeaderValue,
+    /// The key id's bytes, valid as a header value: carved from a `HeaderArena` chunk,
+    /// cloned for each forwarded request without an allocation. Plain `Bytes`, 8 bytes
+    /// smaller than a `HeaderValue`, in every slot.
+    key_id: Bytes,
     /// Refused from this instant on (ms since the Unix epoch; `u64::MAX`: never),
     /// checked on every request.
     deadline_ms: u64,
     /// For an access token of the deprecated flow: its parent secret key. `None` for a
     /// secret key, which stands for itself.
-    parent: Option<Box<TokenHash>>,
-    /// When a use of this key was last queued for recording (ms; 0 = never).
+    parent: Option<Arc<TokenHash>>,
+    /// When a use of this key was last queued for recording (ms; 0 = never). The copy
+    /// in the table is the key's own; a front copy says what its thread last saw, so
+    /// that a hit reads no shared line to know that no use is due (see
+    /// [`Authenticator::note_use`]).
     use_noted_ms: AtomicU64,
     /// When the store answered (ms): fresh until `cache_ttl` later, usable as the stale
     /// copy while the store is down until `stale_if_error` later.
     fetched_ms: u64,
     stamp: Stamp,
+}
+
+impl Clone for Principal {
+    fn clone(&self) -> Self {
+        Principal {
+            user: self.user.clone(),
+            key_id: self.key_id.clone(),
+            deadline_ms: self.deadline_ms,
+            parent: self.parent.clone(),
+            use_noted_ms: AtomicU64::new(self.use_noted_ms.load(Ordering::Relaxed)),
+            fetched_ms: self.fetched_ms,
+            stamp: self.stamp,
+        }
+    }
 }
 
 impl Principal {
@@ -130,19 +157,32 @@ impl Principal {
     pub fn user_id(&self) -> &str {
         self.user.user_id()
     }
+
+    /// The key id, as forwarded in the identity header (no copy of its bytes).
+    pub fn key_id_header(&self) -> HeaderValue {
+        // Checked when carved: this pass over a few bytes never fails.
+        HeaderValue::from_maybe_shared(self.key_id.clone()).unwrap_or(HeaderValue::from_static(""))
+    }
+
+    /// The key id (empty if the store held one that is not a valid header value).
+    pub fn key_id(&self) -> &str {
+        std::str::from_utf8(&self.key_id).unwrap_or("")
+    }
 }
 
 /// Shares equal immutable values: the identities of a user's keys, the tenant header
 /// of its users. Holds weak references only (8 bytes each): a value lives as long as a
 /// cached token uses it, and dead references are dropped before the table would grow.
-/// Used on cache misses only.
+/// Used on cache misses only: a value is looked up ([`Interned::find`]) before it is
+/// built, so that a shared one costs no allocation.
 struct Interned<T> {
     table: HashTable<Weak<T>>,
-    /// The hash a value is found by; must agree with the one `intern` is given.
+    /// The hash a value is found by; must agree with the one `find` and `insert` are
+    /// given.
     hash_of: fn(&T) -> u64,
 }
 
-impl<T: PartialEq> Interned<T> {
+impl<T> Interned<T> {
     fn new(hash_of: fn(&T) -> u64) -> Self {
         Interned {
             table: HashTable::new(),
@@ -150,15 +190,15 @@ impl<T: PartialEq> Interned<T> {
         }
     }
 
-    /// The shared value equal to `value`, or `value` itself, now shared.
-    fn intern(&mut self, hash: u64, value: T) -> Arc<T> {
-        let found = self
-            .table
-            .find(hash, |w| w.upgrade().is_some_and(|s| *s == value))
-            .and_then(Weak::upgrade);
-        if let Some(shared) = found {
-            return shared;
-        }
+    /// The live shared value with this hash that `same` accepts.
+    fn find(&self, hash: u64, same: impl Fn(&T) -> bool) -> Option<Arc<T>> {
+        self.table
+            .find(hash, |w| w.upgrade().is_some_and(|s| same(&s)))
+            .and_then(Weak::upgrade)
+    }
+
+    /// Shares `value`, which [`Interned::find`] did not find.
+    fn insert(&mut self, hash: u64, value: T) -> Arc<T> {
         if self.table.len() == self.table.capacity() {
             self.table.retain(|w| w.strong_count() > 0);
         }
@@ -172,19 +212,67 @@ impl<T: PartialEq> Interned<T> {
     }
 }
 
-/// The shared users and tenants of the cached tokens.
+/// Bytes of header values carved from shared chunks: one allocation (and one shared
+/// count) per chunk instead of one per value, and a clone never allocates (a value
+/// built from a `Vec` allocates its shared count on its first clone, when it is first
+/// forwarded). A chunk is freed once every value carved from it is dropped, so one
+/// long-lived value keeps its whole chunk: see the two sizes.
+struct HeaderArena {
+    chunk: BytesMut,
+    /// Bytes per chunk (more for a longer value).
+    size: usize,
+}
+
+/// Chunk size for key ids: 14 UUIDs, 73 ids of 7 bytes. Their principals all expire
+/// within `cache_ttl` or `stale_if_error` of their fetch, so a few survivors do not
+/// keep a chunk for long.
+const KEY_ID_CHUNK: usize = 512;
+
+/// Chunk size for user ids: 3 UUIDs, 18 ids of 7 bytes. An identity lives as long as
+/// its user's keys are used, so it may keep its chunk alone: at most about 190 bytes
+/// with the shared count, against 64 or 80 for a `Vec`-backed value once forwarded.
+const USER_ID_CHUNK: usize = 128;
+
+impl HeaderArena {
+    fn new(size: usize) -> Self {
+        HeaderArena {
+            chunk: BytesMut::new(),
+            size,
+        }
+    }
+
+    /// The bytes `s` has as a header value (none if it is not a valid one).
+    fn bytes(&mut self, s: &str) -> Bytes {
+        let b = header_bytes(s);
+        if self.chunk.capacity() < b.len() {
+            self.chunk = BytesMut::with_capacity(self.size.max(b.len()));
+        }
+        self.chunk.extend_from_slice(b);
+        self.chunk.split().freeze()
+    }
+
+    /// `s` as a header value (empty if it is not a valid one).
+    fn value(&mut self, s: &str) -> HeaderValue {
+        HeaderValue::from_maybe_shared(self.bytes(s)).unwrap_or(HeaderValue::from_static(""))
+    }
+}
+
+/// The shared users and tenants of the cached tokens, and the chunks of their ids.
 struct Interners {
     identities: Interned<Identity>,
     tenants: Interned<HeaderValue>,
+    key_ids: HeaderArena,
+    user_ids: HeaderArena,
 }
 
-/// A cached answer of the store.
+/// A cached answer of the store, inline in its table slot.
 enum Entry {
     /// Fresh for `cache_ttl` after its fetch and before its deadline; kept after that as
     /// the stale copy, for `stale_if_error` after its fetch.
-    Known(Arc<Principal>),
-    /// The store does not know the token (boxed: rare, and keeps a slot at 48 bytes).
-    Unknown(Box<Negative>),
+    Known(Principal),
+    /// The store does not know the token. Fits beside the principal's niche: the
+    /// entry is no larger than a principal.
+    Unknown(Negative),
 }
 
 /// A negative entry: valid under its stamp until `until_ms`.
@@ -196,7 +284,7 @@ struct Negative {
 /// What a store lookup gave, as handed to the requests that waited for it.
 #[derive(Clone)]
 enum Loaded {
-    Known(Arc<Principal>),
+    Known(Principal),
     Unknown(Stamp),
     /// The store failed or shed the lookup: never cached, the stale copy may answer.
     Failed,
@@ -251,6 +339,12 @@ fn key_stripe(hash: &TokenHash) -> usize {
     (usize::from(hash.0[8]) << 8 | usize::from(hash.0[9])) & (STRIPES - 1)
 }
 
+/// The bytes `s` has as a header value: its own, or none if it is not a valid one.
+fn header_bytes(s: &str) -> &[u8] {
+    let valid = s.bytes().all(|b| (b >= 32 && b != 127) || b == b'\t');
+    if valid { s.as_bytes() } else { b"" }
+}
+
 /// FNV-1a: stable, and user ids and tenants are not attacker-chosen at request time.
 fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -275,7 +369,7 @@ struct Front {
     owner: usize,
     /// With the user's stripe beside each principal: a hit validates without reading
     /// the shared [`Identity`] (one cache line fewer per hit).
-    map: HashMap<TokenHash, (Arc<Principal>, u16), TokenHashBuilder>,
+    map: HashMap<TokenHash, (Principal, u16), TokenHashBuilder>,
 }
 
 thread_local! {
@@ -313,6 +407,22 @@ pub struct Authenticator {
 /// How often a key's use is recorded at most (per key, per replica).
 pub const USE_RESOLUTION_MS: u64 = 60_000;
 
+/// Whether a use noted at `noted` may be recorded again at `now`.
+fn use_due(noted: &AtomicU64, now: u64) -> bool {
+    now >= noted
+        .load(Ordering::Relaxed)
+        .saturating_add(USE_RESOLUTION_MS)
+}
+
+/// Takes the right to record a use at `now`, if due and no other thread took it first.
+fn claim_use(noted: &AtomicU64, now: u64) -> bool {
+    let seen = noted.load(Ordering::Relaxed);
+    now >= seen.saturating_add(USE_RESOLUTION_MS)
+        && noted
+            .compare_exchange(seen, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
 impl Authenticator {
     pub fn new(
         store: Store,
@@ -338,6 +448,8 @@ impl Authenticator {
             interned: parking_lot::Mutex::new(Interners {
                 identities: Interned::new(|id| fnv1a(id.user_id_header.as_bytes())),
                 tenants: Interned::new(|t| fnv1a(t.as_bytes())),
+                key_ids: HeaderArena::new(KEY_ID_CHUNK),
+                user_ids: HeaderArena::new(USER_ID_CHUNK),
             }),
             lookups: Semaphore::new(MAX_INFLIGHT_LOOKUPS),
             metrics,
@@ -352,18 +464,38 @@ impl Authenticator {
     /// drops the use (the next one a minute later records it).
     /// `hash` is the token the principal was resolved from.
     pub fn note_use(&self, p: &Principal, hash: &TokenHash, now: u64) {
-        let noted = p.use_noted_ms.load(Ordering::Relaxed);
-        if now < noted.saturating_add(USE_RESOLUTION_MS)
-            || p.use_noted_ms
-                .compare_exchange(noted, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
+        // `p` is this request's copy of the front's: when no use is due as far as this
+        // thread knows, nothing shared is read.
+        if !use_due(&p.use_noted_ms, now) {
+            return;
+        }
+        // This thread will not ask again for a minute; the table's copy, which every
+        // thread's copies came from, says whether another thread recorded the use
+        // meanwhile. A key no longer in the table records it.
+        self.front_noted(hash, now);
+        let claimed = self.table.read(hash, |e| match e {
+            Entry::Known(own) => claim_use(&own.use_noted_ms, now),
+            Entry::Unknown(_) => true,
+        });
+        if claimed == Some(false) {
             return;
         }
         let _ = self.uses.try_send(KeyUse {
             user_id: p.user_id().to_owned(),
             key_hash: p.parent.as_deref().copied().unwrap_or(*hash),
             at_ms: now,
+        });
+    }
+
+    /// Marks this thread's front copy of `hash` as having noted a use at `now`.
+    fn front_noted(&self, hash: &TokenHash, now: u64) {
+        FRONT.with(|f| {
+            let f = f.borrow();
+            if f.owner == self.id
+                && let Some((p, _)) = f.map.get(hash)
+            {
+                p.use_noted_ms.store(now, Ordering::Relaxed);
+            }
         });
     }
 
@@ -405,7 +537,7 @@ impl Authenticator {
         hash: &TokenHash,
         e: &Entry,
         now: u64,
-    ) -> Option<Result<Arc<Principal>, AuthFailure>> {
+    ) -> Option<Result<Principal, AuthFailure>> {
         match e {
             Entry::Known(p) if self.fresh(p, now) && self.principal_valid(hash, p) => {
                 Some(Ok(p.clone()))
@@ -438,7 +570,7 @@ impl Authenticator {
         &self,
         hash: &TokenHash,
         routes: &RouteTable,
-    ) -> Result<Arc<Principal>, AuthFailure> {
+    ) -> Result<Principal, AuthFailure> {
         let now = now_ms();
         if let Some(p) = self.front_get(hash, now) {
             self.metrics.cache_hits.inc();
@@ -469,10 +601,10 @@ impl Authenticator {
                             Some(Entry::Known(p.clone()))
                         }
                         Loaded::Unknown(stamp) if *stamp == self.current_stamp(hash, None) => {
-                            Some(Entry::Unknown(Box::new(Negative {
+                            Some(Entry::Unknown(Negative {
                                 stamp: *stamp,
                                 until_ms: now_ms().saturating_add(self.negative_ttl_ms),
-                            })))
+                            }))
                         }
                         _ => None,
                     };
@@ -509,15 +641,15 @@ impl Authenticator {
     fn answer(
         &self,
         hash: &TokenHash,
-        answer: Result<Arc<Principal>, AuthFailure>,
-    ) -> Result<Arc<Principal>, AuthFailure> {
+        answer: Result<Principal, AuthFailure>,
+    ) -> Result<Principal, AuthFailure> {
         if let Ok(p) = &answer {
             self.front_put(hash, p);
         }
         answer
     }
 
-    fn front_get(&self, hash: &TokenHash, now: u64) -> Option<Arc<Principal>> {
+    fn front_get(&self, hash: &TokenHash, now: u64) -> Option<Principal> {
         FRONT.with(|f| {
             let f = f.borrow();
             if f.owner != self.id {
@@ -530,7 +662,7 @@ impl Authenticator {
         })
     }
 
-    fn front_put(&self, hash: &TokenHash, p: &Arc<Principal>) {
+    fn front_put(&self, hash: &TokenHash, p: &Principal) {
         FRONT.with(|f| {
             let mut f = f.borrow_mut();
             if f.owner != self.id || f.map.len() >= FRONT_CAPACITY {
@@ -544,7 +676,7 @@ impl Authenticator {
     /// The answer while the store is down: the cached copy of a known key if it is
     /// still valid and within `stale_if_error` of its fetch, else "unavailable" (never
     /// fail open). The caller still checks its deadline.
-    fn serve_stale(&self, hash: &TokenHash) -> Result<Arc<Principal>, AuthFailure> {
+    fn serve_stale(&self, hash: &TokenHash) -> Result<Principal, AuthFailure> {
         let now = now_ms();
         let stale = self.table.read(hash, |e| match e {
             Entry::Known(p)
@@ -584,19 +716,17 @@ impl Authenticator {
         match result {
             Ok(Some(resolved)) => {
                 let fetched_ms = now_ms();
-                let user = self.identity(&resolved, routes);
+                let (user, key_id) = self.compile(&resolved, routes);
                 // The user is known only now. Read its stripe, then the user epoch: an
                 // invalidation of any user since the lookup began shows in the epoch
                 // (bumped before the stripe), and then the entry is born invalid.
                 let user_gen = self.stripes[usize::from(user.stripe)].load(Ordering::Acquire);
                 let user_changed = self.user_epoch.load(Ordering::Acquire) != epoch;
-                let header =
-                    |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static(""));
-                Loaded::Known(Arc::new(Principal {
+                Loaded::Known(Principal {
                     user,
-                    key_id_header: header(&resolved.key_id),
+                    key_id,
                     deadline_ms: resolved.deadline_ms.unwrap_or(u64::MAX),
-                    parent: resolved.access_token.then(|| Box::new(resolved.key_hash)),
+                    parent: resolved.access_token.then(|| Arc::new(resolved.key_hash)),
                     use_noted_ms: AtomicU64::new(0),
                     fetched_ms,
                     stamp: if user_changed {
@@ -604,7 +734,7 @@ impl Authenticator {
                     } else {
                         key_only.wrapping_add(user_gen)
                     },
-                }))
+                })
             }
             Ok(None) => Loaded::Unknown(key_only),
             Err(e) => {
@@ -616,29 +746,48 @@ impl Authenticator {
     }
 
     /// The user of a store answer, shared with the user's other cached tokens when the
-    /// record is the same.
-    fn identity(&self, r: &Resolved, routes: &RouteTable) -> Arc<Identity> {
-        let header = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static(""));
-        let user_id_header = header(&r.user.id);
-        let tenant_header = header(&r.user.tenant);
+    /// record is the same, and the key id's bytes. The identity is looked up first: only
+    /// a user not cached yet (or whose record changed) builds its header values.
+    fn compile(&self, r: &Resolved, routes: &RouteTable) -> (Arc<Identity>, Bytes) {
         let grants = routes.compile_grants(&r.user.grants);
-        let mut interned = self.interned.lock();
-        let tenant_header = interned
-            .tenants
-            .intern(fnv1a(tenant_header.as_bytes()), tenant_header);
         // The stripe of the id as given; the header's bytes are the same unless the id
-        // is not a valid header value (then both are empty).
-        let key = fnv1a(user_id_header.as_bytes());
+        // is not a valid header value (then they are empty).
+        // STRIPES fits in u16.
+        let stripe = u16::try_from(user_stripe(&r.user.id)).unwrap_or(0);
+        let (user_id, tenant) = (header_bytes(&r.user.id), header_bytes(&r.user.tenant));
+        let key = fnv1a(user_id);
+        let mut guard = self.interned.lock();
+        let interned = &mut *guard;
+        let key_id = interned.key_ids.bytes(&r.key_id);
+        let same = |id: &Identity| {
+            id.stripe == stripe
+                && id.user_id_header.as_bytes() == user_id
+                && id.tenant_header.as_bytes() == tenant
+                && id.kind == r.user.kind
+                && id.disabled == r.user.disabled
+                && id.grants == grants
+        };
+        if let Some(shared) = interned.identities.find(key, same) {
+            return (shared, key_id);
+        }
+        let header = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static(""));
+        let tenant_key = fnv1a(tenant);
+        let tenant_header = match interned
+            .tenants
+            .find(tenant_key, |t| t.as_bytes() == tenant)
+        {
+            Some(shared) => shared,
+            None => interned.tenants.insert(tenant_key, header(&r.user.tenant)),
+        };
         let id = Identity {
-            user_id_header,
+            user_id_header: interned.user_ids.value(&r.user.id),
             tenant_header,
             kind: r.user.kind,
             disabled: r.user.disabled,
             grants,
-            // STRIPES fits in u16.
-            stripe: u16::try_from(user_stripe(&r.user.id)).unwrap_or(0),
+            stripe,
         };
-        interned.identities.intern(key, id)
+        (interned.identities.insert(key, id), key_id)
     }
 
     /// Applies an invalidation from the store. The generation is bumped first, so every
@@ -741,7 +890,8 @@ mod tests {
         let first = f.auth.resolve(&f.token, &f.routes).await.expect("known");
         let lookups = f.auth.metrics.store_lookups.get();
         let again = f.auth.resolve(&f.token, &f.routes).await.expect("known");
-        assert!(Arc::ptr_eq(&first, &again));
+        assert!(Arc::ptr_eq(&first.user, &again.user));
+        assert_eq!(first.key_id_header(), again.key_id_header());
         assert_eq!(f.auth.metrics.store_lookups.get(), lookups);
         assert!(f.auth.front_get(&f.token, now_ms()).is_some());
     }
@@ -836,7 +986,8 @@ mod tests {
         let a = f.auth.resolve(&f.token, &f.routes).await.expect("key 1");
         let b = f.auth.resolve(&second, &f.routes).await.expect("key 2");
         assert!(Arc::ptr_eq(&a.user, &b.user), "one identity for both keys");
-        assert_ne!(a.key_id_header, b.key_id_header);
+        assert_ne!(a.key_id_header(), b.key_id_header());
+        assert_eq!(a.key_id_header().as_bytes(), a.key_id().as_bytes());
         assert_eq!(a.user_id(), "u1");
 
         f.auth
@@ -852,13 +1003,54 @@ mod tests {
         );
     }
 
-    /// The per-key and per-user sizes the memory figures in BENCHMARKS.md rest on: with
-    /// the `Arc` counts, 104 and 88 bytes, the 112- and 96-byte allocations of glibc.
+    #[tokio::test]
+    async fn a_use_is_noted_once_a_minute_whichever_thread_sees_it() {
+        let f = fixture().await;
+        let mut uses = f.auth.take_uses().expect("uses");
+        let now = now_ms();
+        for _ in 0..3 {
+            let p = f.auth.resolve(&f.token, &f.routes).await.expect("known");
+            f.auth.note_use(&p, &f.token, now);
+        }
+        assert_eq!(uses.try_recv().map(|u| u.at_ms), Ok(now));
+        assert!(uses.try_recv().is_err(), "once");
+        // Another thread's front copy comes from the table's, which has the use.
+        FRONT.with(|front| front.borrow_mut().map.clear());
+        let p = f.auth.resolve(&f.token, &f.routes).await.expect("known");
+        f.auth.note_use(&p, &f.token, now + 1);
+        assert!(uses.try_recv().is_err(), "not again within the minute");
+        let later = now + USE_RESOLUTION_MS;
+        f.auth.note_use(&p, &f.token, later);
+        assert_eq!(uses.try_recv().map(|u| u.at_ms), Ok(later));
+    }
+
+    #[test]
+    fn header_values_are_carved_from_shared_chunks() {
+        let mut arena = HeaderArena::new(KEY_ID_CHUNK);
+        let long = "x".repeat(KEY_ID_CHUNK + 1);
+        let ids: Vec<String> = (0..200).map(|i| format!("k{i}")).collect();
+        let values: Vec<HeaderValue> = ids.iter().map(|id| arena.value(id)).collect();
+        for (id, v) in ids.iter().zip(&values) {
+            assert_eq!(v.as_bytes(), id.as_bytes());
+        }
+        assert_eq!(arena.value(&long).as_bytes(), long.as_bytes());
+        assert_eq!(arena.value("a\nb").as_bytes(), b"", "not a header value");
+        assert_eq!(arena.value("after").as_bytes(), b"after");
+        for s in ["u1", "a\nb", "caf\u{e9}", "tab\there", "del\u{7f}", ""] {
+            let built = HeaderValue::from_str(s).map_or(Vec::new(), |v| v.as_bytes().to_vec());
+            assert_eq!(header_bytes(s), built, "{s:?}");
+            assert_eq!(arena.value(s).as_bytes(), built, "{s:?}");
+        }
+    }
+
+    /// The per-key and per-user sizes the memory figures in BENCHMARKS.md rest on: a
+    /// principal lives in its 112-byte table slot, an identity (with the `Arc` counts,
+    /// 88 bytes) in a 96-byte allocation of glibc.
     #[test]
     fn cached_values_keep_their_size() {
-        assert_eq!(std::mem::size_of::<Principal>(), 88);
+        assert_eq!(std::mem::size_of::<Principal>(), 80);
         assert_eq!(std::mem::size_of::<Identity>(), 72);
-        assert_eq!(std::mem::size_of::<(TokenHash, Entry)>(), 48);
+        assert_eq!(std::mem::size_of::<(TokenHash, Entry)>(), 112);
     }
 
     #[test]
