@@ -36,7 +36,7 @@
 # SCENARIOS (comma-separated, default all: warm,h2c,upload,storm,tls,cold; e.g.
 # SCENARIOS=warm for the warm-key comparison alone, which also skips making the 10,000
 # cold keys), BIN_B (a second campaign-gate binary: started beside the first on the same
-# store and backend, and run in the warm scenario as `campaign_gate_b`, interleaved with
+# store and backend, and run in the warm and cold scenarios as `campaign_gate_b`, interleaved with
 # it and in alternating order, for an A/B of two builds under the same noise), BIN (the
 # campaign-gate binary, default the release build; with SKIP_BUILD=1 to measure a saved one).
 # Results: $OUT/results.md and the raw runs beside it.
@@ -700,11 +700,29 @@ fi
 # pool, then 10,000 keys each used once (the last few per connection are left unused).
 if want cold; then
   log "cold keys: $((2 * COLD_USERS)) keys each used once, $RUNS runs (gateway restarted per run)"
-  for run in $(seq 1 "$RUNS"); do
+  cold_a() {
     stop_gate
     start_gate
     warmup "$GATE_URL"
-    run_wrk campaign_gate_cold "$run" "$GATE_URL" "$GATE_PID" "$WORK/cold.lua" "$WORK/cold_tokens.txt"
+    run_wrk campaign_gate_cold "$1" "$GATE_URL" "$GATE_PID" "$WORK/cold.lua" "$WORK/cold_tokens.txt"
+  }
+  cold_b() { # BIN_B, restarted the same way (its own cache; the same keys)
+    kill "$GATE_B_PID" 2>/dev/null || true
+    wait "$GATE_B_PID" 2>/dev/null || true
+    forget "$GATE_B_PID"
+    launch_gate "$BIN_B" "$WORK/gate-b.toml" "$GATE_B_PORT" "$GATE_B_ADMIN_PORT" gate-b
+    GATE_B_PID=$LAUNCHED_PID
+    warmup "$GATE_B_URL"
+    run_wrk campaign_gate_b_cold "$1" "$GATE_B_URL" "$GATE_B_PID" "$WORK/cold.lua" "$WORK/cold_tokens.txt"
+  }
+  for run in $(seq 1 "$RUNS"); do
+    if [ -z "$BIN_B" ]; then
+      cold_a "$run"
+    elif ((run % 2)); then
+      cold_a "$run" && cold_b "$run"
+    else
+      cold_b "$run" && cold_a "$run"
+    fi
   done
 fi
 
@@ -728,7 +746,7 @@ GATE_RPS=$(median_of "$RUNS_TSV" campaign_gate 3)
   echo
   echo "| scenario | req/s | p50 ms | p99 ms | p99.9 ms | proxy CPU s / 10k req | vs nginx proxy_pass | vs nginx auth_request |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|"
-  for s in backend nginx_proxy_pass nginx_auth_request campaign_gate campaign_gate_b campaign_gate_cold storm_baseline storm_control storm_revoking nginx_proxy_pass_tls campaign_gate_tls; do
+  for s in backend nginx_proxy_pass nginx_auth_request campaign_gate campaign_gate_b campaign_gate_cold campaign_gate_b_cold storm_baseline storm_control storm_revoking nginx_proxy_pass_tls campaign_gate_tls; do
     rps=$(median_of "$RUNS_TSV" "$s" 3)
     [ "$rps" = - ] && continue
     echo "| $s | $rps | $(median_of "$RUNS_TSV" "$s" 4) | $(median_of "$RUNS_TSV" "$s" 5) | $(median_of "$RUNS_TSV" "$s" 6) |" \
@@ -755,6 +773,11 @@ GATE_RPS=$(median_of "$RUNS_TSV" campaign_gate 3)
     echo
   fi
   echo "Cold keys / warm keys: $(ratio "$(median_of "$RUNS_TSV" campaign_gate_cold 3)" "$GATE_RPS")."
+  if [ -n "$BIN_B" ] && [ "$(median_of "$RUNS_TSV" campaign_gate_b_cold 3)" != - ]; then
+    echo "Cold keys A/B: B / A $(ratio "$(median_of "$RUNS_TSV" campaign_gate_b_cold 3)" "$(median_of "$RUNS_TSV" campaign_gate_cold 3)") req/s," \
+      "$(ratio "$(median_of "$RUNS_TSV" campaign_gate_b_cold 7)" "$(median_of "$RUNS_TSV" campaign_gate_cold 7)") CPU per request;" \
+      "B's cold / B's warm $(ratio "$(median_of "$RUNS_TSV" campaign_gate_b_cold 3)" "$(median_of "$RUNS_TSV" campaign_gate_b 3)")."
+  fi
   if ! want storm; then
     echo "Storm: not selected (SCENARIOS=$SCENARIOS)."
   elif [ "$STORE_KIND" = redis ]; then
