@@ -488,4 +488,149 @@ mod tests {
         counts.reads.fetch_add(1, Ordering::Relaxed);
         assert!(!buffered(), "it needed a read of its own");
     }
+
+    /// hyper behind the guard sees exactly what hyper alone sees, for any pipeline of
+    /// well-framed requests (no body, `Content-Length`, chunked with extensions and
+    /// trailers), whatever size the reads come in: the guard only ever holds bytes back,
+    /// it never changes them.
+    mod same_as_hyper {
+        use super::*;
+        use http_body_util::BodyExt;
+        use hyper::service::service_fn;
+        use hyper_util::rt::TokioIo;
+        use proptest::prelude::*;
+        use tokio::io::AsyncWriteExt;
+
+        type Seen = Vec<(String, String, Vec<u8>)>;
+
+        /// Serves `bytes` with hyper over a duplex pipe whose reads are at most `read`
+        /// bytes, and returns the method, target and body of every request hyper parsed.
+        fn serve(bytes: &[u8], read: usize, guarded: bool) -> Seen {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let (client, server) = tokio::io::duplex(read);
+                let seen = Arc::new(Mutex::new(Vec::new()));
+                let record = seen.clone();
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let record = record.clone();
+                    async move {
+                        let method = req.method().to_string();
+                        let target = req.uri().to_string();
+                        let body = req.into_body().collect().await?.to_bytes().to_vec();
+                        record
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push((method, target, body));
+                        Ok::<_, hyper::Error>(http::Response::new(String::new()))
+                    }
+                });
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder.half_close(true);
+                let limits = framing::Limits {
+                    max_header_bytes: 65536,
+                    max_headers: 100,
+                    max_uri_bytes: 8192,
+                };
+                let conn = async move {
+                    if guarded {
+                        let (io, _) = GuardedIo::new(server, Some(limits), Duration::from_secs(10));
+                        let _ = builder.serve_connection(TokioIo::new(io), svc).await;
+                    } else {
+                        let _ = builder.serve_connection(TokioIo::new(server), svc).await;
+                    }
+                };
+                let bytes = bytes.to_vec();
+                let (mut answers, mut requests) = tokio::io::split(client);
+                let write = async move {
+                    let _ = requests.write_all(&bytes).await;
+                    let _ = requests.shutdown().await;
+                };
+                // Drained meanwhile, so that hyper never waits on a full pipe.
+                let drain = async move {
+                    let mut sink = Vec::new();
+                    let _ = tokio::io::AsyncReadExt::read_to_end(&mut answers, &mut sink).await;
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(10), async {
+                    tokio::join!(conn, write, drain)
+                })
+                .await;
+                seen.lock().unwrap_or_else(PoisonError::into_inner).clone()
+            })
+        }
+
+        fn request() -> impl Strategy<Value = Vec<u8>> {
+            let path = "/[a-z0-9._~-]{0,20}(\\?[a-z0-9=&]{0,10})?";
+            let body = proptest::collection::vec(any::<u8>(), 0..200);
+            let chunks =
+                proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..60), 0..4);
+            prop_oneof![
+                path.prop_map(|p| format!("GET {p} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes()),
+                (path, body).prop_map(|(p, b)| {
+                    let mut r = format!(
+                        "POST {p} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                        b.len()
+                    )
+                    .into_bytes();
+                    r.extend_from_slice(&b);
+                    r
+                }),
+                (path, chunks, any::<bool>(), any::<bool>()).prop_map(|(p, cs, ext, trailer)| {
+                    let mut r = format!(
+                        "PUT {p} HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+                    )
+                    .into_bytes();
+                    for c in cs {
+                        let ext = if ext { ";n=v" } else { "" };
+                        r.extend_from_slice(format!("{:x}{ext}\r\n", c.len()).as_bytes());
+                        r.extend_from_slice(&c);
+                        r.extend_from_slice(b"\r\n");
+                    }
+                    r.extend_from_slice(if trailer {
+                        &b"0\r\nx-t: 1\r\n\r\n"[..]
+                    } else {
+                        b"0\r\n\r\n"
+                    });
+                    r
+                }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn hyper_behind_the_guard_sees_what_hyper_alone_sees(
+                reqs in proptest::collection::vec(request(), 1..6),
+                read in 1usize..300,
+            ) {
+                let bytes: Vec<u8> = reqs.concat();
+                let alone = serve(&bytes, read, false);
+                prop_assert_eq!(alone.len(), reqs.len(), "hyper alone parsed them all");
+                prop_assert_eq!(serve(&bytes, read, true), alone);
+            }
+
+            /// A CL+TE request in the pipeline: behind the guard, hyper sees the requests
+            /// before it as hyper alone does, then the stand-in, and nothing after.
+            #[test]
+            fn behind_the_guard_a_cl_te_request_is_the_last_hyper_sees(
+                before in proptest::collection::vec(request(), 0..4),
+                after in proptest::collection::vec(request(), 0..3),
+                read in 1usize..300,
+            ) {
+                let clte = b"POST /s HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+                let bytes = [before.concat(), clte.to_vec(), after.concat()].concat();
+                let guarded = serve(&bytes, read, true);
+                let expected = serve(&before.concat(), read, false);
+                prop_assert_eq!(guarded.len(), before.len() + 1);
+                prop_assert_eq!(&guarded[..before.len()], &expected[..]);
+                prop_assert_eq!(
+                    &guarded[before.len()],
+                    &("GET".to_string(), "/".to_string(), Vec::new())
+                );
+            }
+        }
+    }
 }
