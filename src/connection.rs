@@ -495,6 +495,7 @@ mod tests {
     /// it never changes them.
     mod same_as_hyper {
         use super::*;
+        use crate::framing::tests::test_requests::request;
         use http_body_util::BodyExt;
         use hyper::service::service_fn;
         use hyper_util::rt::TokioIo;
@@ -559,43 +560,6 @@ mod tests {
                 .await;
                 seen.lock().unwrap_or_else(PoisonError::into_inner).clone()
             })
-        }
-
-        fn request() -> impl Strategy<Value = Vec<u8>> {
-            let path = "/[a-z0-9._~-]{0,20}(\\?[a-z0-9=&]{0,10})?";
-            let body = proptest::collection::vec(any::<u8>(), 0..200);
-            let chunks =
-                proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..60), 0..4);
-            prop_oneof![
-                path.prop_map(|p| format!("GET {p} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes()),
-                (path, body).prop_map(|(p, b)| {
-                    let mut r = format!(
-                        "POST {p} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
-                        b.len()
-                    )
-                    .into_bytes();
-                    r.extend_from_slice(&b);
-                    r
-                }),
-                (path, chunks, any::<bool>(), any::<bool>()).prop_map(|(p, cs, ext, trailer)| {
-                    let mut r = format!(
-                        "PUT {p} HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
-                    )
-                    .into_bytes();
-                    for c in cs {
-                        let ext = if ext { ";n=v" } else { "" };
-                        r.extend_from_slice(format!("{:x}{ext}\r\n", c.len()).as_bytes());
-                        r.extend_from_slice(&c);
-                        r.extend_from_slice(b"\r\n");
-                    }
-                    r.extend_from_slice(if trailer {
-                        &b"0\r\nx-t: 1\r\n\r\n"[..]
-                    } else {
-                        b"0\r\n\r\n"
-                    });
-                    r
-                }),
-            ]
         }
 
         proptest! {

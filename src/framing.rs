@@ -18,6 +18,7 @@
 use std::mem::MaybeUninit;
 
 use crate::errors::Refusal;
+use crate::path::hex_value;
 
 /// What the head checks need of `[server]`.
 #[derive(Debug, Clone, Copy)]
@@ -354,11 +355,13 @@ fn step_chunked(state: &mut Chunk, buf: &[u8]) -> Option<(usize, bool)> {
         let b = buf[i];
         i += 1;
         *state = match (*state, b) {
-            (Chunk::Start, _) => Chunk::Size(u64::from(hex(b)?)),
+            (Chunk::Start, _) => Chunk::Size(u64::from(hex_value(b)?)),
             (Chunk::Size(n), b' ' | b'\t') => Chunk::SizeLws(n),
             (Chunk::Size(n), b';') | (Chunk::SizeLws(n), b';') => Chunk::Extension(n),
             (Chunk::Size(n), b'\r') | (Chunk::SizeLws(n), b'\r') => Chunk::SizeLf(n),
-            (Chunk::Size(n), _) => Chunk::Size(n.checked_mul(16)?.checked_add(u64::from(hex(b)?))?),
+            (Chunk::Size(n), _) => {
+                Chunk::Size(n.checked_mul(16)?.checked_add(u64::from(hex_value(b)?))?)
+            }
             (Chunk::SizeLws(n), b' ' | b'\t') => Chunk::SizeLws(n),
             (Chunk::Extension(n), b'\r') => Chunk::SizeLf(n),
             (Chunk::Extension(_), b'\n') => return None,
@@ -381,17 +384,8 @@ fn step_chunked(state: &mut Chunk, buf: &[u8]) -> Option<(usize, bool)> {
     Some((i, false))
 }
 
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const LIMITS: Limits = Limits {
@@ -525,32 +519,31 @@ mod tests {
 
     #[test]
     fn limits_are_refused_with_their_own_status() {
-        let long_target = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(1024));
-        assert_eq!(
-            scan_all(long_target.as_bytes()).0,
-            Scan::Refuse {
-                at: 0,
-                refusal: Refusal::UriTooLong
-            }
-        );
-        // A target too long is refused before its line ends.
-        let endless = format!("GET /{}", "a".repeat(1100));
-        assert_eq!(
-            scan_all(endless.as_bytes()).0,
-            Scan::Refuse {
-                at: 0,
-                refusal: Refusal::UriTooLong
-            }
-        );
         let many: String = (0..21).map(|i| format!("x{i}: y\r\n")).collect();
-        let many = format!("GET / HTTP/1.1\r\n{many}\r\n");
-        assert_eq!(
-            scan_all(many.as_bytes()).0,
-            Scan::Refuse {
-                at: 0,
-                refusal: Refusal::HeadersTooLarge
-            }
-        );
+        for (case, head, refusal) in [
+            (
+                "target too long",
+                format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(1024)),
+                Refusal::UriTooLong,
+            ),
+            // Refused before its line ends.
+            (
+                "endless target",
+                format!("GET /{}", "a".repeat(1100)),
+                Refusal::UriTooLong,
+            ),
+            (
+                "21 headers, limit 20",
+                format!("GET / HTTP/1.1\r\n{many}\r\n"),
+                Refusal::HeadersTooLarge,
+            ),
+        ] {
+            assert_eq!(
+                scan_all(head.as_bytes()).0,
+                Scan::Refuse { at: 0, refusal },
+                "{case}"
+            );
+        }
         let big = format!("GET / HTTP/1.1\r\nx: {}\r\n", "y".repeat(8200));
         assert_eq!(
             scan_in_pieces(big.as_bytes(), 1000),
@@ -598,63 +591,7 @@ mod tests {
         use super::*;
         use proptest::prelude::*;
 
-        /// One request as a client might frame it: no body, a `Content-Length` body,
-        /// or a chunked body in chunks (with an extension and a trailer now and then).
-        #[derive(Debug, Clone)]
-        enum Req {
-            Bare(String),
-            Sized(String, Vec<u8>),
-            Chunked(String, Vec<Vec<u8>>, bool, bool),
-        }
-
-        fn req() -> impl Strategy<Value = Req> {
-            let path = "/[a-z0-9/._~-]{0,40}";
-            let body = proptest::collection::vec(any::<u8>(), 0..300);
-            prop_oneof![
-                path.prop_map(Req::Bare),
-                (path, body.clone()).prop_map(|(p, b)| Req::Sized(p, b)),
-                (
-                    path,
-                    proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..100), 0..4),
-                    any::<bool>(),
-                    any::<bool>()
-                )
-                    .prop_map(|(p, c, ext, trailer)| Req::Chunked(p, c, ext, trailer)),
-            ]
-        }
-
-        fn bytes(r: &Req) -> Vec<u8> {
-            match r {
-                Req::Bare(p) => format!("GET /{p} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes(),
-                Req::Sized(p, body) => {
-                    let mut b = format!(
-                        "POST /{p} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
-                        body.len()
-                    )
-                    .into_bytes();
-                    b.extend_from_slice(body);
-                    b
-                }
-                Req::Chunked(p, chunks, ext, trailer) => {
-                    let mut b = format!(
-                        "POST /{p} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                    )
-                    .into_bytes();
-                    for c in chunks {
-                        let ext = if *ext { ";a=b" } else { "" };
-                        b.extend_from_slice(format!("{:X}{ext}\r\n", c.len()).as_bytes());
-                        b.extend_from_slice(c);
-                        b.extend_from_slice(b"\r\n");
-                    }
-                    b.extend_from_slice(b"0\r\n");
-                    if *trailer {
-                        b.extend_from_slice(b"x-t: 1\r\n");
-                    }
-                    b.extend_from_slice(b"\r\n");
-                    b
-                }
-            }
-        }
+        use super::test_requests::request;
 
         proptest! {
             #![proptest_config(ProptestConfig::with_cases(512))]
@@ -664,10 +601,10 @@ mod tests {
             /// and nothing is refused.
             #[test]
             fn pipelined_requests_are_framed_whatever_the_reads(
-                reqs in proptest::collection::vec(req(), 1..8),
+                reqs in proptest::collection::vec(request(), 1..8),
                 step in 1usize..600,
             ) {
-                let stream: Vec<u8> = reqs.iter().flat_map(bytes).collect();
+                let stream = reqs.concat();
                 prop_assert_eq!(
                     scan_in_pieces(&stream, step),
                     (stream.len(), None, reqs.len() as u64)
@@ -688,10 +625,10 @@ mod tests {
             /// exactly the requests before it.
             #[test]
             fn a_cl_te_head_is_refused_where_it_starts(
-                before in proptest::collection::vec(req(), 0..5),
+                before in proptest::collection::vec(request(), 0..5),
                 step in 1usize..600,
             ) {
-                let mut stream: Vec<u8> = before.iter().flat_map(bytes).collect();
+                let mut stream = before.concat();
                 let at = stream.len();
                 stream.extend_from_slice(
                     b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
@@ -701,6 +638,58 @@ mod tests {
                     (at, Some(Refusal::BadRequest), before.len() as u64)
                 );
             }
+        }
+    }
+
+    /// Requests as a client might frame them, for property tests here and in
+    /// `connection`: no body, a `Content-Length` body, or a chunked body in chunks (an
+    /// extension, upper- or lower-case sizes and a trailer now and then); the path may
+    /// carry a query.
+    pub(crate) mod test_requests {
+        use proptest::prelude::*;
+
+        pub(crate) fn request() -> impl Strategy<Value = Vec<u8>> {
+            let path = "/[a-z0-9/._~-]{0,30}(\\?[a-z0-9=&]{0,10})?";
+            let body = proptest::collection::vec(any::<u8>(), 0..300);
+            let chunks =
+                proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..100), 0..4);
+            prop_oneof![
+                path.prop_map(|p| format!("GET {p} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes()),
+                (path, body).prop_map(|(p, body)| {
+                    let mut b = format!(
+                        "POST {p} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    b.extend_from_slice(&body);
+                    b
+                }),
+                (path, chunks, any::<(bool, bool, bool)>()).prop_map(
+                    |(p, chunks, (ext, upper, trailer))| {
+                        let mut b = format!(
+                            "PUT {p} HTTP/1.1\r\nhost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        )
+                        .into_bytes();
+                        for c in chunks {
+                            let ext = if ext { ";a=b" } else { "" };
+                            let size = if upper {
+                                format!("{:X}", c.len())
+                            } else {
+                                format!("{:x}", c.len())
+                            };
+                            b.extend_from_slice(format!("{size}{ext}\r\n").as_bytes());
+                            b.extend_from_slice(&c);
+                            b.extend_from_slice(b"\r\n");
+                        }
+                        b.extend_from_slice(b"0\r\n");
+                        if trailer {
+                            b.extend_from_slice(b"x-t: 1\r\n");
+                        }
+                        b.extend_from_slice(b"\r\n");
+                        b
+                    }
+                ),
+            ]
         }
     }
 }

@@ -108,22 +108,55 @@ async fn request(
     Ok((status, presented))
 }
 
+/// A gateway serving TLS with a certificate written to `dir` (`gate.crt`, `gate.key`),
+/// in front of a recording backend, and alice's key for `events`.
+struct TlsGateway {
+    backend: RecordingBackend,
+    dir: tempfile::TempDir,
+    cert: CertificateDer<'static>,
+    token: String,
+    gateway: campaign_gate::server::Gateway,
+    /// Holds the store the gateway reads.
+    _env: TestEnv,
+}
+
+impl TlsGateway {
+    async fn start() -> TlsGateway {
+        let backend = RecordingBackend::start().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cert = write_cert(dir.path(), "gate");
+        let tls = format!(
+            "{{ cert = {:?}, key = {:?} }}",
+            dir.path().join("gate.crt").display().to_string(),
+            dir.path().join("gate.key").display().to_string()
+        );
+        let env = TestEnv::builder()
+            .upstream(&backend.url())
+            .set("server", "tls", &tls)
+            .build();
+        let token = env.create_api_user("alice", &["events"]);
+        let gateway = env.start_gateway().await;
+        TlsGateway {
+            backend,
+            dir,
+            cert,
+            token,
+            gateway,
+            _env: env,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_terminates_and_certificates_reload_without_restart() {
-    let backend = RecordingBackend::start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let first = write_cert(dir.path(), "gate");
-    let tls = format!(
-        "{{ cert = {:?}, key = {:?} }}",
-        dir.path().join("gate.crt").display().to_string(),
-        dir.path().join("gate.key").display().to_string()
-    );
-    let env = TestEnv::builder()
-        .upstream(&backend.url())
-        .set("server", "tls", &tls)
-        .build();
-    let token = env.create_api_user("alice", &["events"]);
-    let gateway = env.start_gateway().await;
+    let TlsGateway {
+        backend,
+        dir,
+        cert: first,
+        token,
+        gateway,
+        _env,
+    } = TlsGateway::start().await;
 
     for alpn in [&b"http/1.1"[..], b"h2"] {
         let (status, presented) = request(gateway.addr, std::slice::from_ref(&first), alpn, &token)
@@ -188,20 +221,14 @@ async fn the_framing_guard_works_inside_tls_too() {
     // The guard sits on the decrypted stream: Content-Length with Transfer-Encoding
     // over TLS is refused with the JSON 400 and the connection closed, nothing forwarded.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let backend = RecordingBackend::start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cert = write_cert(dir.path(), "gate");
-    let tls = format!(
-        "{{ cert = {:?}, key = {:?} }}",
-        dir.path().join("gate.crt").display().to_string(),
-        dir.path().join("gate.key").display().to_string()
-    );
-    let env = TestEnv::builder()
-        .upstream(&backend.url())
-        .set("server", "tls", &tls)
-        .build();
-    let token = env.create_api_user("alice", &["events"]);
-    let gateway = env.start_gateway().await;
+    let TlsGateway {
+        backend,
+        dir: _dir,
+        cert,
+        token,
+        gateway,
+        _env,
+    } = TlsGateway::start().await;
     let tcp = TcpStream::connect(gateway.addr).await.expect("connect");
     let mut stream = connector(std::slice::from_ref(&cert), b"http/1.1")
         .connect(ServerName::try_from("localhost").expect("name"), tcp)
