@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use campaign_gate::server::Gateway;
 use campaign_gate::store::records::generate_secret_key;
-use campaign_gate::store::{Revocation, Store, TokenHash};
+use campaign_gate::store::{KeyUse, Revocation, Store, TokenHash};
 use common::refusal::{API_NOT_GRANTED, INVALID_TOKEN, Refusal};
 use common::{EVENTS, RecordingBackend, Req, assert_refusal, unix_ms, until_unix_ms, wait_until};
 use futures_util::future::join_all;
@@ -1253,4 +1253,124 @@ async fn access_tokens_are_shared_by_replicas_and_die_with_their_parent_key() {
     assert!(took <= HEALTHY_BOUND, "{took:?}");
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// Key uses of more users than one pipeline holds are all written, and still after
+/// `SCRIPT FLUSH` (a Redis that lost the scripts): the write loads its script again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_uses_of_many_users_are_all_written_even_after_a_script_flush() {
+    let redis = RedisServer::start();
+    let store = admin(&redis).await;
+    let mut keys = Vec::new();
+    for i in 0..300 {
+        let id = format!("u{i}");
+        let token = api_user(&store, &id, &["events"]).await;
+        keys.push((id, TokenHash::of(token.as_bytes())));
+    }
+    let uses = |at_ms: u64| -> Vec<KeyUse> {
+        keys.iter()
+            .map(|(id, hash)| KeyUse {
+                user_id: id.clone(),
+                key_hash: *hash,
+                at_ms,
+            })
+            .collect()
+    };
+    let last_used = |store: Store| {
+        let keys = keys.clone();
+        async move {
+            let mut seen = Vec::new();
+            for (id, _) in &keys {
+                let listed = store.keys(id).await.expect("list keys");
+                seen.push(listed[0].last_used_ms);
+            }
+            seen
+        }
+    };
+
+    store.record_uses(&uses(1_000)).await.expect("record uses");
+    assert!(
+        last_used(store.clone())
+            .await
+            .iter()
+            .all(|t| *t == Some(1_000)),
+        "every one of the 300 users' uses is written"
+    );
+
+    let mut conn = redis.conn().await;
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .expect("SCRIPT FLUSH");
+    store
+        .record_uses(&uses(2_000))
+        .await
+        .expect("record uses after SCRIPT FLUSH");
+    assert!(
+        last_used(store.clone())
+            .await
+            .iter()
+            .all(|t| *t == Some(2_000)),
+        "written after the scripts were flushed"
+    );
+}
+
+/// Each thread that calls the store has a command connection of its own (a gateway
+/// worker's lookups stay on its thread), and a thread that starts after another one
+/// ended does not inherit the ended thread's connection, whose task died with that
+/// thread's runtime: its first change succeeds.
+#[test]
+fn each_thread_has_its_own_command_connection() {
+    let redis = RedisServer::start();
+    // The test's own runtime and connection, kept for the whole test.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (store, mut probe) = rt.block_on(async { (admin(&redis).await, redis.conn().await) });
+    let mut clients = || {
+        rt.block_on(async {
+            let list: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .query_async(&mut probe)
+                .await
+                .expect("CLIENT LIST");
+            list.lines().count()
+        })
+    };
+    // A thread with a runtime of its own (as a gateway worker has), creating `user` (a
+    // change: never retried by the store, so a dead connection would fail it), then
+    // waiting at `pause` twice if given.
+    let worker = |user: &'static str, pause: Option<Arc<std::sync::Barrier>>| {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                api_user(&store, user, &["events"]).await;
+            });
+            if let Some(pause) = pause {
+                pause.wait();
+                pause.wait();
+            }
+        })
+    };
+    let before = clients();
+    let pause = Arc::new(std::sync::Barrier::new(3));
+    let t1 = worker("t1", Some(pause.clone()));
+    let t2 = worker("t2", Some(pause.clone()));
+    // Both threads are parked between the barriers, their runtimes and connections open.
+    pause.wait();
+    let during = clients();
+    pause.wait();
+    t1.join().expect("t1");
+    t2.join().expect("t2");
+    assert_eq!(
+        during,
+        before + 2,
+        "one command connection per calling thread"
+    );
+    // Threads that start after those ended may be given their slots: their changes work.
+    worker("t3", None).join().expect("t3");
+    worker("t4", None).join().expect("t4");
 }

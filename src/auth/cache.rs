@@ -404,6 +404,9 @@ pub struct Authenticator {
     uses_rx: std::sync::Mutex<Option<mpsc::Receiver<KeyUse>>>,
 }
 
+/// Key uses queued for the writer at most (about 5 MB when full).
+const USES_QUEUE: usize = 65_536;
+
 /// How often a key's use is recorded at most (per key, per replica).
 pub const USE_RESOLUTION_MS: u64 = 60_000;
 
@@ -432,7 +435,10 @@ impl Authenticator {
     ) -> Self {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let (ttl_ms, stale_ms) = (ms(cfg.cache_ttl), ms(cfg.stale_if_error));
-        let (uses, uses_rx) = mpsc::channel(4096);
+        // A second's worth of first uses at the busiest (every request a new key), so
+        // that a burst is not dropped while the writer pauses; the queue's memory is
+        // taken as it fills (blocks of 32), so an idle queue costs nothing.
+        let (uses, uses_rx) = mpsc::channel(USES_QUEUE);
         Authenticator {
             id: NEXT_AUTHENTICATOR_ID.fetch_add(1, Ordering::Relaxed),
             table: Table::new(cfg.cache_capacity),

@@ -22,11 +22,12 @@
 //! messages, on Redis' clock (`TIME`). Rules that need no stored state (field checks,
 //! grant normalisation, listing order) are the Rust functions themselves.
 //!
-//! Every call runs under `[store] timeout`. Commands share one [`ConnectionManager`]
-//! (reconnects on I/O errors); a call that times out also drops it, so a half-open
-//! connection is replaced instead of timing out forever.
+//! Every call runs under `[store] timeout`. Commands go over one [`ConnectionManager`]
+//! per calling thread (reconnects on I/O errors), so that each gateway worker's lookups
+//! stay on its own thread; a call that times out also drops that connection, so a
+//! half-open connection is replaced instead of timing out forever.
 //!
-//! `rediss://` runs both connections (commands, pub/sub) over TLS (rustls with ring),
+//! `rediss://` runs every connection (commands, pub/sub) over TLS (rustls with ring),
 //! always verifying the server's certificate: against `[store] tls_ca_file` when set,
 //! else the system's trust store. `#insecure` (no verification) is refused.
 
@@ -34,6 +35,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -46,6 +48,7 @@ use redis::{
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
+use thread_local::ThreadLocal;
 
 use super::records::{self, UserRecords};
 use super::{
@@ -396,6 +399,9 @@ announce('key ' .. h)
 return {'ok', h, expires}
 "#;
 
+/// Users whose key uses go in one pipeline of `record_uses` scripts.
+const USES_PER_PIPELINE: usize = 256;
+
 /// The scripts, each the prelude plus its body, loaded once per connection.
 struct Scripts {
     lookup: Script,
@@ -411,6 +417,8 @@ struct Scripts {
     record_uses: Script,
     /// Every script's source, for `SCRIPT LOAD` (`Script` does not give it back).
     sources: Vec<String>,
+    /// `record_uses`' source, loaded again when a pipeline of it meets `NOSCRIPT`.
+    record_uses_source: String,
 }
 
 impl Scripts {
@@ -435,6 +443,7 @@ impl Scripts {
             issue_token: s(ISSUE_TOKEN),
             record_uses: s(RECORD_USES),
             sources,
+            record_uses_source: format!("{PRELUDE}{RECORD_USES}"),
         }
     }
 }
@@ -455,11 +464,31 @@ pub struct RedisStore {
     client: redis::Client,
     prefix: String,
     timeout: Duration,
-    /// The command connection; `None` until first use and after a call timed out.
-    conn: ArcSwapOption<ConnectionManager>,
+    /// The command connections, one per thread that calls (see [`Slot`]).
+    slots: ThreadLocal<Slot>,
+    scripts: Scripts,
+}
+
+/// One thread's command connection. Each gateway worker is a current-thread runtime on
+/// its own thread; a connection opened there runs its reader/writer task on that same
+/// runtime, so a cache miss's round trip never wakes another thread (with one shared
+/// connection, the driver task lived on another runtime and every lookup crossed
+/// threads twice: about a third of a miss's CPU went to those wakeups).
+#[derive(Default)]
+struct Slot {
+    /// The connection and the thread that opened it; `None` until first use and after
+    /// a call timed out. (`ThreadLocal` reuses a slot for a new thread once the old one
+    /// has exited, and the old connection's task may have died with its runtime: a
+    /// connection is used only by the thread that opened it.)
+    conn: ArcSwapOption<(ThreadId, ConnectionManager)>,
     /// Serialises (re)connecting, so a burst of calls opens one connection.
     connecting: tokio::sync::Mutex<()>,
-    scripts: Scripts,
+}
+
+impl Slot {
+    fn current(&self, thread: ThreadId) -> Option<Arc<(ThreadId, ConnectionManager)>> {
+        self.conn.load_full().filter(|c| c.0 == thread)
+    }
 }
 
 impl RedisStore {
@@ -485,8 +514,7 @@ impl RedisStore {
             client,
             prefix: prefix.to_string(),
             timeout,
-            conn: ArcSwapOption::empty(),
-            connecting: tokio::sync::Mutex::new(()),
+            slots: ThreadLocal::new(),
             scripts: Scripts::new(),
         })
     }
@@ -517,13 +545,18 @@ impl RedisStore {
         format!("{}seq", self.prefix)
     }
 
-    /// The command connection, opening it (and loading the scripts) if there is none.
-    async fn connection(&self) -> Result<Arc<ConnectionManager>, RedisError> {
-        if let Some(c) = self.conn.load_full() {
+    /// This thread's command connection, opening it (and loading the scripts) if there
+    /// is none.
+    async fn connection(
+        &self,
+        slot: &Slot,
+        thread: ThreadId,
+    ) -> Result<Arc<(ThreadId, ConnectionManager)>, RedisError> {
+        if let Some(c) = slot.current(thread) {
             return Ok(c);
         }
-        let _one_at_a_time = self.connecting.lock().await;
-        if let Some(c) = self.conn.load_full() {
+        let _one_at_a_time = slot.connecting.lock().await;
+        if let Some(c) = slot.current(thread) {
             return Ok(c);
         }
         // No retries inside the manager: its backoff starts at 1 s, longer than any call
@@ -537,9 +570,9 @@ impl RedisStore {
             load.cmd("SCRIPT").arg("LOAD").arg(code);
         }
         load.query_async::<()>(&mut manager).await?;
-        let manager = Arc::new(manager);
-        self.conn.store(Some(manager.clone()));
-        Ok(manager)
+        let conn = Arc::new((thread, manager));
+        slot.conn.store(Some(conn.clone()));
+        Ok(conn)
     }
 
     /// Runs one call on the command connection within `[store] timeout`. A read is
@@ -550,16 +583,18 @@ impl RedisStore {
         F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        let used = self.conn.load_full();
+        let slot = self.slots.get_or_default();
+        let thread = std::thread::current().id();
+        let used = slot.conn.load_full();
         let attempt = async {
-            let conn = self.connection().await?;
-            match f((*conn).clone()).await {
+            let conn = self.connection(slot, thread).await?;
+            match f(conn.1.clone()).await {
                 Err(e)
                     if kind == Call::Read
                         && (e.is_unrecoverable_error() || e.is_connection_dropped()) =>
                 {
                     // The manager reconnects in the background; wait for it.
-                    f((*conn).clone()).await
+                    f(conn.1.clone()).await
                 }
                 result => result,
             }
@@ -570,7 +605,7 @@ impl RedisStore {
             Err(_) => {
                 // Possibly half-open: let the next call connect afresh.
                 if used.is_some() {
-                    self.conn.compare_and_swap(&used, None);
+                    slot.conn.compare_and_swap(&used, None);
                 }
                 Err(StoreError::Unavailable(format!(
                     "redis {what}: no answer within {:?}",
@@ -678,7 +713,9 @@ impl RedisStore {
         }))
     }
 
-    /// One script per user (each user's records live in one hash slot).
+    /// One script per user (each user's records live in one hash slot), sent as one
+    /// pipeline per [`USES_PER_PIPELINE`] users: a burst of first uses (a fleet of new
+    /// clients, a restart) costs a round trip per few hundred users, not one per user.
     pub async fn record_uses(&self, uses: &[KeyUse]) -> Result<(), StoreError> {
         let mut by_user: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
         for u in uses {
@@ -686,11 +723,43 @@ impl RedisStore {
             args.push(u.key_hash.to_hex());
             args.push(u.at_ms.to_string());
         }
-        for (id, pairs) in by_user {
-            let mut args: Vec<&str> = vec![id];
-            args.extend(pairs.iter().map(String::as_str));
-            self.mutate("record key uses", &self.scripts.record_uses, id, &args)
-                .await?;
+        let users: Vec<_> = by_user.into_iter().collect();
+        let (script, source) = (&self.scripts.record_uses, &self.scripts.record_uses_source);
+        for chunk in users.chunks(USES_PER_PIPELINE) {
+            let mut pipe = redis::pipe();
+            for (id, pairs) in chunk {
+                pipe.cmd("EVALSHA")
+                    .arg(script.get_hash())
+                    .arg(2)
+                    .arg(self.user_key(id))
+                    .arg(self.keys_key(id))
+                    .arg(&self.prefix)
+                    .arg(*id)
+                    .arg(pairs)
+                    .ignore();
+            }
+            let pipe = &pipe;
+            // The script is loaded with each new connection; after a `SCRIPT FLUSH` (or a
+            // Redis that lost it) it is loaded again and the pipeline sent again: a use
+            // recorded twice is the same use (the later time wins).
+            self.call(
+                "record key uses",
+                Call::Change,
+                move |mut conn| async move {
+                    match pipe.query_async::<()>(&mut conn).await {
+                        Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                            redis::cmd("SCRIPT")
+                                .arg("LOAD")
+                                .arg(source.as_str())
+                                .query_async::<()>(&mut conn)
+                                .await?;
+                            pipe.query_async::<()>(&mut conn).await
+                        }
+                        r => r,
+                    }
+                },
+            )
+            .await?;
         }
         Ok(())
     }
