@@ -150,6 +150,18 @@ cpu_ticks() {
   done
   echo "$total"
 }
+# utime (user space only) of the given pids and their children, in clock ticks.
+user_ticks() {
+  local total=0 pid p stat fields
+  for pid in "$@"; do
+    for p in $pid $(ps -o pid= --ppid "$pid" 2>/dev/null || true); do
+      stat=$(cat "/proc/$p/stat" 2>/dev/null) || continue
+      read -r -a fields <<<"${stat##*) }"
+      total=$((total + fields[11]))
+    done
+  done
+  echo "$total"
+}
 status_kib() { awk -v f="$2:" '$1 == f {print $2}' "/proc/$1/status"; }
 rss_kib() { # pid and its children
   local total=0 p
@@ -469,23 +481,27 @@ EOF
 # ---- scenario runner ----------------------------------------------------------------------
 # run_wrk scenario run url pids-for-cpu [lua script] [tokens] -> one row in $OUT/runs.tsv
 RUNS_TSV=$OUT/runs.tsv
-printf 'scenario\trun\trps\tp50_ms\tp99_ms\tp999_ms\tcpu_s_per_10k\tnon2xx\tsocket_errors\n' >"$RUNS_TSV"
+printf 'scenario\trun\trps\tp50_ms\tp99_ms\tp999_ms\tcpu_s_per_10k\tnon2xx\tsocket_errors\tuser_us_per_req\tkernel_us_per_req\n' >"$RUNS_TSV"
 run_wrk() {
   local scenario=$1 run=$2 url=$3 pids=$4 script=${5:-$WORK/rotate.lua} tokens=${6:-$WORK/warm_tokens.txt}
-  local raw=$OUT/$scenario.run$run.txt t0 t1
+  local raw=$OUT/$scenario.run$run.txt t0 t1 u0 u1
   # shellcheck disable=SC2086
   t0=$(cpu_ticks $pids)
+  # shellcheck disable=SC2086
+  u0=$(user_ticks $pids)
   wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --timeout 5s --latency -s "$script" "$url" \
     -- "$tokens" "$ROUTE" "$THREADS" $((CONNS / THREADS)) >"$raw" 2>&1 || true
   # shellcheck disable=SC2086
   t1=$(cpu_ticks $pids)
+  # shellcheck disable=SC2086
+  u1=$(user_ticks $pids)
   local line
   line=$(grep '^RESULT' "$raw") || die "wrk failed for $scenario: $(tail -3 "$raw")"
   eval "local ${line#RESULT }"
   # shellcheck disable=SC2154
   awk -v s="$scenario" -v r="$run" -v n="$requests" -v d="$duration_us" -v a="$p50_us" \
-    -v b="$p99_us" -v c="$p999_us" -v ticks=$((t1 - t0)) -v hz="$CLK_TCK" -v x="$non2xx" -v e="$socket_errors" \
-    'BEGIN { printf "%s\t%s\t%.0f\t%.3f\t%.3f\t%.3f\t%.3f\t%d\t%d\n", s, r, n / (d / 1e6), a / 1e3, b / 1e3, c / 1e3, (ticks / hz) / n * 1e4, x, e }' \
+    -v b="$p99_us" -v c="$p999_us" -v ticks=$((t1 - t0)) -v hz="$CLK_TCK" -v x="$non2xx" -v e="$socket_errors" -v ut=$((u1 - u0)) \
+    'BEGIN { printf "%s\t%s\t%.0f\t%.3f\t%.3f\t%.3f\t%.3f\t%d\t%d\t%.2f\t%.2f\n", s, r, n / (d / 1e6), a / 1e3, b / 1e3, c / 1e3, (ticks / hz) / n * 1e4, x, e, (ut / hz) / n * 1e6, ((ticks - ut) / hz) / n * 1e6 }' \
     >>"$RUNS_TSV"
   tail -1 "$RUNS_TSV" | awk -F'\t' '{ printf "  %-22s run %s: %7s req/s  p50 %6s ms  p99 %6s ms  p99.9 %6s ms  cpu %s s/10k  non2xx %s  errors %s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9 }' >&2
   [ "$non2xx" = 0 ] || log "WARNING: $scenario run $run had $non2xx non-2xx answers"
@@ -758,6 +774,10 @@ GATE_RPS=$(median_of "$RUNS_TSV" campaign_gate 3)
   echo "CPU per request (less noisy than req/s on a shared machine): campaign-gate uses" \
     "$(ratio "$(median_of "$RUNS_TSV" campaign_gate 7)" "$(median_of "$RUNS_TSV" nginx_proxy_pass 7)") the CPU of nginx proxy_pass and" \
     "$(ratio "$(median_of "$RUNS_TSV" campaign_gate 7)" "$(median_of "$RUNS_TSV" nginx_auth_request 7)") that of nginx auth_request."
+  echo "Of which (µs per request, user space / kernel): campaign-gate" \
+    "$(median_of "$RUNS_TSV" campaign_gate 10) / $(median_of "$RUNS_TSV" campaign_gate 11)," \
+    "nginx proxy_pass $(median_of "$RUNS_TSV" nginx_proxy_pass 10) / $(median_of "$RUNS_TSV" nginx_proxy_pass 11)," \
+    "nginx auth_request $(median_of "$RUNS_TSV" nginx_auth_request 10) / $(median_of "$RUNS_TSV" nginx_auth_request 11)."
   echo
   if [ -n "$BIN_B" ]; then
     echo "A/B (campaign_gate = $BIN, campaign_gate_b = $BIN_B): B / A" \
