@@ -11,7 +11,9 @@
 #     location that reads the whole body before answering);
 #  4. starts the peers on the same backend: nginx `proxy_pass` without auth, nginx with
 #     `auth_request` to a one-line location (`return 204`), both with WORKERS worker
-#     processes, upstream keep-alive, `access_log off`;
+#     processes, upstream keep-alive, `access_log off`; and, as deployed to check keys,
+#     nginx `auth_request` whose subrequest goes to an HTTP auth service (the backend's
+#     `location = /auth { return 204; }`, keep-alive; `nginx_auth_service`);
 #  5. starts campaign-gate with WORKERS workers (`[server] workers`; for the
 #     `multi-thread` layout also TOKIO_WORKER_THREADS) in its default runtime layout
 #     (GATE_RUNTIME=multi-thread for the other one) on a private redis-server when the
@@ -22,8 +24,8 @@
 #     rotating 8 Authorization headers; the same script and requests for every target),
 #     RUNS runs per scenario, interleaved across targets so that noise from other work on
 #     the machine spreads evenly; reports medians.
-# Scenarios: warm keys (backend direct, nginx proxy_pass, nginx auth_request,
-# campaign-gate), cold keys (10,000 keys each used once), invalidation storm (Redis only),
+# Scenarios: warm keys (backend direct, nginx proxy_pass, nginx auth_request, nginx
+# auth_request to an auth service, campaign-gate), cold keys (10,000 keys each used once), invalidation storm (Redis only),
 # h2c downstream (h2load), 10 MB upload (curl), TLS downstream (self-signed P-256 pair;
 # skipped when openssl is missing or the binary has no TLS listener).
 #
@@ -175,6 +177,7 @@ rss_kib() { # pid and its children
 BACKEND_PORT=$(free_port)
 NGX_PROXY_PORT=$(free_port)
 NGX_AUTH_PORT=$(free_port)
+NGX_AUTHSVC_PORT=$(free_port)
 NGX_H2_PORT=$(free_port)
 NGX_TLS_PORT=$(free_port)
 GATE_PORT=$(free_port)
@@ -244,6 +247,8 @@ start_nginx backend 1 "
   server {
     listen 127.0.0.1:$BACKEND_PORT backlog=4096;
     location / { return 200 \"ok\"; }
+    # The auth service of the nginx_auth_service peer: the cheapest one possible.
+    location = /auth { return 204; }
     # Uploads: read the whole body before answering, so the client's time is the upload.
     location = $UPLOAD_ROUTE {
       client_body_buffer_size 16m;
@@ -266,9 +271,28 @@ start_nginx auth "$WORKERS" "
     listen 127.0.0.1:$NGX_AUTH_PORT backlog=4096;
     location / { auth_request /_auth; $PROXY_LOCATION }
     location = /_auth { internal; return 204; }
+  }
+  # auth_request as deployed to check keys: the subrequest goes to an HTTP auth service
+  # (here the backend's one-line \`location = /auth { return 204; }\`, over keep-alive).
+  upstream authsvc {
+    server 127.0.0.1:$BACKEND_PORT;
+    keepalive 128;
+    keepalive_requests 1000000;
+  }
+  server {
+    listen 127.0.0.1:$NGX_AUTHSVC_PORT backlog=4096;
+    location / { auth_request /_auth; $PROXY_LOCATION }
+    location = /_auth {
+      internal;
+      proxy_pass http://authsvc/auth;
+      proxy_pass_request_body off;
+      proxy_set_header Content-Length \"\";
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+    }
   }" "$NGX_AUTH_PORT"
 # shellcheck disable=SC2154
-log "backend :$BACKEND_PORT (pid $PID_backend), nginx proxy_pass :$NGX_PROXY_PORT, auth_request :$NGX_AUTH_PORT"
+log "backend :$BACKEND_PORT (pid $PID_backend), nginx proxy_pass :$NGX_PROXY_PORT, auth_request :$NGX_AUTH_PORT, auth_request to an auth service :$NGX_AUTHSVC_PORT"
 
 # ---- 5. store and gateway -----------------------------------------------------------------
 STORE_KIND=file
@@ -513,13 +537,14 @@ warmup() { # url [script tokens]
 BACKEND_URL=http://127.0.0.1:$BACKEND_PORT$ROUTE
 PROXY_URL=http://127.0.0.1:$NGX_PROXY_PORT$ROUTE
 AUTH_URL=http://127.0.0.1:$NGX_AUTH_PORT$ROUTE
+AUTHSVC_URL=http://127.0.0.1:$NGX_AUTHSVC_PORT$ROUTE
 GATE_URL=http://127.0.0.1:$GATE_PORT$ROUTE
 
 # ---- warm keys ------------------------------------------------------------------------
 log "warm keys: $RUNS runs x ${DURATION}s per target, wrk -t$THREADS -c$CONNS, interleaved"
 GATE_B_URL=http://127.0.0.1:$GATE_B_PORT$ROUTE
 if want warm; then
-for url in "$BACKEND_URL" "$PROXY_URL" "$AUTH_URL" "$GATE_URL"; do warmup "$url"; done
+for url in "$BACKEND_URL" "$PROXY_URL" "$AUTH_URL" "$AUTHSVC_URL" "$GATE_URL"; do warmup "$url"; done
 [ -z "$BIN_B" ] || warmup "$GATE_B_URL"
 for run in $(seq 1 "$RUNS"); do
   run_wrk backend "$run" "$BACKEND_URL" "$PID_backend"
@@ -527,6 +552,7 @@ for run in $(seq 1 "$RUNS"); do
   run_wrk nginx_proxy_pass "$run" "$PROXY_URL" "$PID_proxy"
   # shellcheck disable=SC2154
   run_wrk nginx_auth_request "$run" "$AUTH_URL" "$PID_auth"
+  run_wrk nginx_auth_service "$run" "$AUTHSVC_URL" "$PID_auth"
   if [ -n "$BIN_B" ] && [ $((run % 2)) = 0 ]; then
     run_wrk campaign_gate_b "$run" "$GATE_B_URL" "$GATE_B_PID"
     run_wrk campaign_gate "$run" "$GATE_URL" "$GATE_PID"
@@ -762,18 +788,21 @@ GATE_RPS=$(median_of "$RUNS_TSV" campaign_gate 3)
   echo
   echo "| scenario | req/s | p50 ms | p99 ms | p99.9 ms | proxy CPU s / 10k req | vs nginx proxy_pass | vs nginx auth_request |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|"
-  for s in backend nginx_proxy_pass nginx_auth_request campaign_gate campaign_gate_b campaign_gate_cold campaign_gate_b_cold storm_baseline storm_control storm_revoking nginx_proxy_pass_tls campaign_gate_tls; do
+  for s in backend nginx_proxy_pass nginx_auth_request nginx_auth_service campaign_gate campaign_gate_b campaign_gate_cold campaign_gate_b_cold storm_baseline storm_control storm_revoking nginx_proxy_pass_tls campaign_gate_tls; do
     rps=$(median_of "$RUNS_TSV" "$s" 3)
     [ "$rps" = - ] && continue
     echo "| $s | $rps | $(median_of "$RUNS_TSV" "$s" 4) | $(median_of "$RUNS_TSV" "$s" 5) | $(median_of "$RUNS_TSV" "$s" 6) |" \
       "$(median_of "$RUNS_TSV" "$s" 7) | $(ratio "$rps" "$PROXY_RPS") | $(ratio "$rps" "$AUTH_RPS") |"
   done
   echo
-  echo "(For \`backend\` the CPU column is the backend's own; for nginx it counts master and workers.)"
+  echo "(For \`backend\` the CPU column is the backend's own; for nginx it counts master and workers;" \
+    "for \`nginx_auth_service\` (\`auth_request\` whose subrequest goes to an HTTP auth service, the backend's" \
+    "\`return 204\`) it leaves out the auth service's own CPU. The issue's \`auth_request\` peer is \`nginx_auth_request\`.)"
   echo
   echo "CPU per request (less noisy than req/s on a shared machine): campaign-gate uses" \
     "$(ratio "$(median_of "$RUNS_TSV" campaign_gate 7)" "$(median_of "$RUNS_TSV" nginx_proxy_pass 7)") the CPU of nginx proxy_pass and" \
     "$(ratio "$(median_of "$RUNS_TSV" campaign_gate 7)" "$(median_of "$RUNS_TSV" nginx_auth_request 7)") that of nginx auth_request."
+  echo "campaign-gate / nginx auth_request to an HTTP auth service: $(ratio "$GATE_RPS" "$(median_of "$RUNS_TSV" nginx_auth_service 3)") req/s."
   echo "Of which (µs per request, user space / kernel): campaign-gate" \
     "$(median_of "$RUNS_TSV" campaign_gate 10) / $(median_of "$RUNS_TSV" campaign_gate 11)," \
     "nginx proxy_pass $(median_of "$RUNS_TSV" nginx_proxy_pass 10) / $(median_of "$RUNS_TSV" nginx_proxy_pass 11)," \
