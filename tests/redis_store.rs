@@ -1316,10 +1316,11 @@ async fn key_uses_of_many_users_are_all_written_even_after_a_script_flush() {
     );
 }
 
-/// Each thread that calls the store has a command connection of its own (a gateway
-/// worker's lookups stay on its thread), and a thread that starts after another one
-/// ended does not inherit the ended thread's connection, whose task died with that
-/// thread's runtime: its first change succeeds.
+/// Each thread that runs a current-thread runtime (a gateway worker) has a command
+/// connection of its own, so a worker's lookups stay on its thread; a thread that starts
+/// after another one ended does not inherit the ended thread's connection, whose task
+/// died with that thread's runtime (its first change succeeds); the callers on a
+/// multi-thread runtime share one connection.
 #[test]
 fn each_thread_has_its_own_command_connection() {
     let redis = RedisServer::start();
@@ -1373,4 +1374,21 @@ fn each_thread_has_its_own_command_connection() {
     // Threads that start after those ended may be given their slots: their changes work.
     worker("t3", None).join().expect("t3");
     worker("t4", None).join().expect("t4");
+    // Callers on a multi-thread runtime (the gateway's main one) share one connection,
+    // whichever of its threads they run on.
+    let before = clients();
+    rt.block_on(async {
+        let calls = (0..8).map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.user("t1").await.expect("read user") })
+        });
+        for call in join_all(calls).await {
+            assert!(call.expect("task").is_some(), "user t1 exists");
+        }
+    });
+    assert_eq!(
+        clients(),
+        before + 1,
+        "one shared connection for the multi-thread runtime"
+    );
 }

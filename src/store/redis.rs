@@ -22,10 +22,11 @@
 //! messages, on Redis' clock (`TIME`). Rules that need no stored state (field checks,
 //! grant normalisation, listing order) are the Rust functions themselves.
 //!
-//! Every call runs under `[store] timeout`. Commands go over one [`ConnectionManager`]
-//! per calling thread (reconnects on I/O errors), so that each gateway worker's lookups
-//! stay on its own thread; a call that times out also drops that connection, so a
-//! half-open connection is replaced instead of timing out forever.
+//! Every call runs under `[store] timeout`. Commands go over a [`ConnectionManager`]
+//! (reconnects on I/O errors) per thread that runs a current-thread runtime, so that each
+//! gateway worker's lookups stay on its own thread, and one shared by all other callers;
+//! a call that times out also drops its connection, so a half-open connection is
+//! replaced instead of timing out forever.
 //!
 //! `rediss://` runs every connection (commands, pub/sub) over TLS (rustls with ring),
 //! always verifying the server's certificate: against `[store] tls_ca_file` when set,
@@ -464,30 +465,38 @@ pub struct RedisStore {
     client: redis::Client,
     prefix: String,
     timeout: Duration,
-    /// The command connections, one per thread that calls (see [`Slot`]).
+    /// The command connections of threads that run a current-thread runtime (the
+    /// gateway's workers), one per thread (see [`Slot`]).
     slots: ThreadLocal<Slot>,
+    /// The command connection of every other caller (the main multi-thread runtime:
+    /// admin listener, background tasks), shared, so a many-core host does not hold a
+    /// connection per thread of that runtime.
+    shared: Slot,
     scripts: Scripts,
 }
 
-/// One thread's command connection. Each gateway worker is a current-thread runtime on
-/// its own thread; a connection opened there runs its reader/writer task on that same
-/// runtime, so a cache miss's round trip never wakes another thread (with one shared
-/// connection, the driver task lived on another runtime and every lookup crossed
-/// threads twice: about a third of a miss's CPU went to those wakeups).
+/// A command connection. Each gateway worker is a current-thread runtime on its own
+/// thread; a connection opened there runs its reader/writer task on that same runtime,
+/// so a cache miss's round trip never wakes another thread (with one shared connection,
+/// the task lived on the main runtime and every lookup crossed threads twice: about a
+/// third of a miss's CPU went to those wake-ups).
 #[derive(Default)]
 struct Slot {
-    /// The connection and the thread that opened it; `None` until first use and after
-    /// a call timed out. (`ThreadLocal` reuses a slot for a new thread once the old one
-    /// has exited, and the old connection's task may have died with its runtime: a
-    /// connection is used only by the thread that opened it.)
-    conn: ArcSwapOption<(ThreadId, ConnectionManager)>,
+    /// The connection and the thread that opened it (`None` for the shared slot); `None`
+    /// until first use and after a call timed out. (`ThreadLocal` reuses a slot for a new
+    /// thread once the old one has exited, and the old connection's task may have died
+    /// with its runtime: a per-thread connection is used only by the thread that opened
+    /// it.)
+    conn: ArcSwapOption<(Option<ThreadId>, ConnectionManager)>,
     /// Serialises (re)connecting, so a burst of calls opens one connection.
     connecting: tokio::sync::Mutex<()>,
 }
 
+type Conn = Arc<(Option<ThreadId>, ConnectionManager)>;
+
 impl Slot {
-    fn current(&self, thread: ThreadId) -> Option<Arc<(ThreadId, ConnectionManager)>> {
-        self.conn.load_full().filter(|c| c.0 == thread)
+    fn current(&self, owner: Option<ThreadId>) -> Option<Conn> {
+        self.conn.load_full().filter(|c| c.0 == owner)
     }
 }
 
@@ -515,6 +524,7 @@ impl RedisStore {
             prefix: prefix.to_string(),
             timeout,
             slots: ThreadLocal::new(),
+            shared: Slot::default(),
             scripts: Scripts::new(),
         })
     }
@@ -545,18 +555,29 @@ impl RedisStore {
         format!("{}seq", self.prefix)
     }
 
-    /// This thread's command connection, opening it (and loading the scripts) if there
-    /// is none.
-    async fn connection(
-        &self,
-        slot: &Slot,
-        thread: ThreadId,
-    ) -> Result<Arc<(ThreadId, ConnectionManager)>, RedisError> {
-        if let Some(c) = slot.current(thread) {
+    /// The slot of the calling thread and the owner its connection must have: the
+    /// thread's own on a current-thread runtime (a gateway worker), else the shared one.
+    fn slot(&self) -> (&Slot, Option<ThreadId>) {
+        let own = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+        if own {
+            (
+                self.slots.get_or_default(),
+                Some(std::thread::current().id()),
+            )
+        } else {
+            (&self.shared, None)
+        }
+    }
+
+    /// The slot's command connection, opening it (and loading the scripts) if there is
+    /// none.
+    async fn connection(&self, slot: &Slot, owner: Option<ThreadId>) -> Result<Conn, RedisError> {
+        if let Some(c) = slot.current(owner) {
             return Ok(c);
         }
         let _one_at_a_time = slot.connecting.lock().await;
-        if let Some(c) = slot.current(thread) {
+        if let Some(c) = slot.current(owner) {
             return Ok(c);
         }
         // No retries inside the manager: its backoff starts at 1 s, longer than any call
@@ -570,7 +591,7 @@ impl RedisStore {
             load.cmd("SCRIPT").arg("LOAD").arg(code);
         }
         load.query_async::<()>(&mut manager).await?;
-        let conn = Arc::new((thread, manager));
+        let conn = Arc::new((owner, manager));
         slot.conn.store(Some(conn.clone()));
         Ok(conn)
     }
@@ -583,11 +604,10 @@ impl RedisStore {
         F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        let slot = self.slots.get_or_default();
-        let thread = std::thread::current().id();
+        let (slot, owner) = self.slot();
         let used = slot.conn.load_full();
         let attempt = async {
-            let conn = self.connection(slot, thread).await?;
+            let conn = self.connection(slot, owner).await?;
             match f(conn.1.clone()).await {
                 Err(e)
                     if kind == Call::Read
