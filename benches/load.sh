@@ -25,7 +25,9 @@
 #     RUNS runs per scenario, interleaved across targets so that noise from other work on
 #     the machine spreads evenly; reports medians.
 # Scenarios: warm keys (backend direct, nginx proxy_pass, nginx auth_request, nginx
-# auth_request to an auth service, campaign-gate), cold keys (10,000 keys each used once), invalidation storm (Redis only),
+# auth_request to an auth service, campaign-gate), cold keys (10,000 keys each used once),
+# every request a miss (the same keys rotated with cache_ttl 1 ms), invalidation storm
+# (Redis only),
 # h2c downstream (h2load), 10 MB upload (curl), TLS downstream (self-signed P-256 pair;
 # skipped when openssl is missing or the binary has no TLS listener).
 #
@@ -35,7 +37,7 @@
 # Environment: RUNS (3), DURATION seconds (10), CONNS (64), THREADS wrk threads (2),
 # WORKERS proxy workers (2), GATE_RUNTIME (the binary's default), ACCESS_LOG (0),
 # OUT results dir (target/load-bench), SKIP_BUILD=1, KEEP=1 keeps the scratch dir,
-# SCENARIOS (comma-separated, default all: warm,h2c,upload,storm,tls,cold; e.g.
+# SCENARIOS (comma-separated, default all: warm,h2c,upload,storm,tls,cold,miss; e.g.
 # SCENARIOS=warm for the warm-key comparison alone, which also skips making the 10,000
 # cold keys), BIN_B (a second campaign-gate binary: started beside the first on the same
 # store and backend, and run in the warm and cold scenarios as `campaign_gate_b`, interleaved with
@@ -51,7 +53,7 @@ CONNS=${CONNS:-64}
 THREADS=${THREADS:-2}
 WORKERS=${WORKERS:-2}
 ACCESS_LOG=${ACCESS_LOG:-0}
-SCENARIOS=${SCENARIOS:-warm,h2c,upload,storm,tls,cold}
+SCENARIOS=${SCENARIOS:-warm,h2c,upload,storm,tls,cold,miss}
 BIN_B=${BIN_B:-}
 want() { [[ ",$SCENARIOS," == *",$1,"* ]]; }
 GATE_RUNTIME=${GATE_RUNTIME:-}
@@ -332,7 +334,7 @@ cg() { "$BIN" --config "$WORK/gate.toml" "$@"; }
 
 # ---- 6. users and keys --------------------------------------------------------------------
 log "creating users and keys"
-if ! want cold; then
+if ! want cold && ! want miss; then
   : >"$WORK/cold_tokens.txt"
 elif [ "$STORE_KIND" = file ]; then
   # Bulk: write the store file in its documented format (version 1), as the CLI would
@@ -370,7 +372,7 @@ for i in $(seq 1 $((WARM_KEYS / 2))); do
   cg keys generate "warm$i" >>"$WORK/warm_tokens.txt" 2>/dev/null
   cg keys generate "warm$i" >>"$WORK/warm_tokens.txt" 2>/dev/null
 done
-! want cold || [ "$(wc -l <"$WORK/cold_tokens.txt")" -eq $((2 * COLD_USERS)) ] || die "cold keys missing"
+{ ! want cold && ! want miss; } || [ "$(wc -l <"$WORK/cold_tokens.txt")" -eq $((2 * COLD_USERS)) ] || die "cold keys missing"
 [ "$(wc -l <"$WORK/warm_tokens.txt")" -eq "$WARM_KEYS" ] || die "warm keys missing"
 
 GATE_PID=""
@@ -378,7 +380,8 @@ GATE_CONF=$WORK/gate.toml
 launch_gate() { # binary, config, port, admin port, name -> LAUNCHED_PID
   local log=warn
   [ "$ACCESS_LOG" = 1 ] && log=info
-  env TOKIO_WORKER_THREADS="$WORKERS" CAMPAIGN_GATE_SERVER_WORKERS="$WORKERS" CAMPAIGN_GATE_LOG=$log \
+  # shellcheck disable=SC2086
+  env TOKIO_WORKER_THREADS="$WORKERS" CAMPAIGN_GATE_SERVER_WORKERS="$WORKERS" CAMPAIGN_GATE_LOG=$log ${GATE_EXTRA_ENV:-} \
     ${GATE_RUNTIME:+CAMPAIGN_GATE_SERVER_RUNTIME=$GATE_RUNTIME} \
     "$1" serve --config "$2" >"$WORK/$5.out" 2>>"$WORK/$5.err" &
   LAUNCHED_PID=$!
@@ -438,6 +441,34 @@ function init(args)
     reqs[n] = wrk.format("GET", args[2], { Host = "bench", Authorization = "Bearer " .. line })
   end
   i = math.random(n)
+end
+function request()
+  i = i % n + 1
+  return reqs[i]
+end
+function done(s, latency)
+  report(s.requests, s.duration, latency, s.errors)
+end
+EOF
+# Every request a miss: each thread rotates through its own share of the tokens (every
+# THREADS-th), so no two threads ask for one key at about the same time (wrk's threads
+# would otherwise draw the same "random" start).
+cat "$WORK/report.lua" - >"$WORK/miss.lua" <<'EOF'
+local next_id = 0
+function setup(thread)
+  thread:set("tid", next_id)
+  next_id = next_id + 1
+end
+local reqs, n, i = {}, 0, 0
+function init(args)
+  local nthreads, k = tonumber(args[3]), 0
+  for line in io.lines(args[1]) do
+    if k % nthreads == tid then
+      n = n + 1
+      reqs[n] = wrk.format("GET", args[2], { Host = "bench", Authorization = "Bearer " .. line })
+    end
+    k = k + 1
+  end
 end
 function request()
   i = i % n + 1
@@ -531,7 +562,7 @@ run_wrk() {
   [ "$non2xx" = 0 ] || log "WARNING: $scenario run $run had $non2xx non-2xx answers"
 }
 warmup() { # url [script tokens]
-  wrk -t"$THREADS" -c"$CONNS" -d2s -s "${2:-$WORK/rotate.lua}" "$1" -- "${3:-$WORK/warm_tokens.txt}" "$ROUTE" >/dev/null 2>&1 || true
+  wrk -t"$THREADS" -c"$CONNS" -d2s -s "${2:-$WORK/rotate.lua}" "$1" -- "${3:-$WORK/warm_tokens.txt}" "$ROUTE" "$THREADS" >/dev/null 2>&1 || true
 }
 
 BACKEND_URL=http://127.0.0.1:$BACKEND_PORT$ROUTE
@@ -768,6 +799,29 @@ if want cold; then
   done
 fi
 
+# ---- every request a miss --------------------------------------------------------------
+# The cold-key path held for the whole run: the gateway restarted with `[auth] cache_ttl`
+# 1 ms and the 10,000 cold keys rotated, so (nearly) every request is a store lookup
+# (concurrent requests for one key share one). Steadier than the cold scenario, whose
+# runs last a third of a second. The gateway is restarted as before afterwards.
+MISS_LOOKUPS=""
+if want miss; then
+  log "every request a miss: cache_ttl 1 ms, the $((2 * COLD_USERS)) cold keys rotated, $RUNS runs"
+  lookups() { curl -fsS "http://127.0.0.1:$GATE_ADMIN_PORT/metrics" | awk '/^campaign_gate_store_lookups_total / { print $2 }'; }
+  stop_gate
+  GATE_EXTRA_ENV="CAMPAIGN_GATE_AUTH_CACHE_TTL=1ms" start_gate
+  warmup "$GATE_URL" "$WORK/miss.lua" "$WORK/cold_tokens.txt"
+  l0=$(lookups)
+  for run in $(seq 1 "$RUNS"); do
+    run_wrk campaign_gate_miss "$run" "$GATE_URL" "$GATE_PID" "$WORK/miss.lua" "$WORK/cold_tokens.txt"
+  done
+  l1=$(lookups)
+  miss_requests=$(cat "$OUT"/campaign_gate_miss.run*.txt | sed -n 's/^RESULT requests=\([0-9]*\).*/\1/p' | awk '{ s += $1 } END { print s + 0 }')
+  MISS_LOOKUPS=$(awk -v l=$((l1 - l0)) -v n="$miss_requests" 'BEGIN { if (n > 0) printf "%.2f", l / n; else print "-" }')
+  stop_gate
+  start_gate
+fi
+
 # ---- report ---------------------------------------------------------------------------
 median_of() { # tsv file, scenario, column -> median
   awk -F'\t' -v s="$2" -v c="$3" '$1 == s { print $c }' "$1" | sort -g |
@@ -788,7 +842,7 @@ GATE_RPS=$(median_of "$RUNS_TSV" campaign_gate 3)
   echo
   echo "| scenario | req/s | p50 ms | p99 ms | p99.9 ms | proxy CPU s / 10k req | vs nginx proxy_pass | vs nginx auth_request |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|"
-  for s in backend nginx_proxy_pass nginx_auth_request nginx_auth_service campaign_gate campaign_gate_b campaign_gate_cold campaign_gate_b_cold storm_baseline storm_control storm_revoking nginx_proxy_pass_tls campaign_gate_tls; do
+  for s in backend nginx_proxy_pass nginx_auth_request nginx_auth_service campaign_gate campaign_gate_b campaign_gate_cold campaign_gate_b_cold campaign_gate_miss storm_baseline storm_control storm_revoking nginx_proxy_pass_tls campaign_gate_tls; do
     rps=$(median_of "$RUNS_TSV" "$s" 3)
     [ "$rps" = - ] && continue
     echo "| $s | $rps | $(median_of "$RUNS_TSV" "$s" 4) | $(median_of "$RUNS_TSV" "$s" 5) | $(median_of "$RUNS_TSV" "$s" 6) |" \
@@ -822,6 +876,10 @@ GATE_RPS=$(median_of "$RUNS_TSV" campaign_gate 3)
     echo
   fi
   echo "Cold keys / warm keys: $(ratio "$(median_of "$RUNS_TSV" campaign_gate_cold 3)" "$GATE_RPS")."
+  if [ -n "$MISS_LOOKUPS" ]; then
+    echo "Every request a miss (cache_ttl 1 ms, 10,000 keys rotated) / warm keys: $(ratio "$(median_of "$RUNS_TSV" campaign_gate_miss 3)" "$GATE_RPS") req/s," \
+      "$(ratio "$(median_of "$RUNS_TSV" campaign_gate_miss 7)" "$(median_of "$RUNS_TSV" campaign_gate 7)") CPU per request; $MISS_LOOKUPS store lookups per request."
+  fi
   if [ -n "$BIN_B" ] && [ "$(median_of "$RUNS_TSV" campaign_gate_b_cold 3)" != - ]; then
     echo "Cold keys A/B: B / A $(ratio "$(median_of "$RUNS_TSV" campaign_gate_b_cold 3)" "$(median_of "$RUNS_TSV" campaign_gate_cold 3)") req/s," \
       "$(ratio "$(median_of "$RUNS_TSV" campaign_gate_b_cold 7)" "$(median_of "$RUNS_TSV" campaign_gate_cold 7)") CPU per request;" \
