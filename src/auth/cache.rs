@@ -404,7 +404,7 @@ pub struct Authenticator {
     uses_rx: std::sync::Mutex<Option<mpsc::Receiver<KeyUse>>>,
 }
 
-/// Key uses queued for the writer at most (about 5 MB when full).
+/// Key uses queued for the writer at most (about 6 MB when full).
 const USES_QUEUE: usize = 65_536;
 
 /// How often a key's use is recorded at most (per key, per replica).
