@@ -227,7 +227,12 @@ impl Forwarder {
                 connect_timeout: cfg.connect_timeout,
                 max_idle: cfg.pool_max_idle_per_host,
                 idle_timeout: cfg.pool_idle_timeout,
-                handshake: http1::Builder::new(),
+                handshake: {
+                    // Flattened writes, as on the listener side (server::connection_builder).
+                    let mut b = http1::Builder::new();
+                    b.writev(false);
+                    b
+                },
                 idle: Mutex::new(Vec::new()),
                 reaper_started: AtomicBool::new(false),
             }),
