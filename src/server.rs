@@ -195,7 +195,7 @@ fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
         .keep_alive(true)
         // One buffer per write (head and body copied together) instead of a vectored
         // write of several: less CPU per request in user space and kernel (BENCHMARKS.md,
-        // "Flattened writes"); TLS streams were flattened already.
+        // "Flattened writes"); TLS connections included.
         .writev(false);
     builder
         .http2()

@@ -418,8 +418,6 @@ struct Scripts {
     record_uses: Script,
     /// Every script's source, for `SCRIPT LOAD` (`Script` does not give it back).
     sources: Vec<String>,
-    /// `record_uses`' source, loaded again when a pipeline of it meets `NOSCRIPT`.
-    record_uses_source: String,
 }
 
 impl Scripts {
@@ -444,8 +442,16 @@ impl Scripts {
             issue_token: s(ISSUE_TOKEN),
             record_uses: s(RECORD_USES),
             sources,
-            record_uses_source: format!("{PRELUDE}{RECORD_USES}"),
         }
+    }
+
+    /// `SCRIPT LOAD` of every script, in one pipeline.
+    fn load(&self) -> redis::Pipeline {
+        let mut load = redis::pipe();
+        for code in &self.sources {
+            load.cmd("SCRIPT").arg("LOAD").arg(code);
+        }
+        load
     }
 }
 
@@ -478,8 +484,8 @@ pub struct RedisStore {
 /// A command connection. Each gateway worker is a current-thread runtime on its own
 /// thread; a connection opened there runs its reader/writer task on that same runtime,
 /// so a cache miss's round trip never wakes another thread (with one shared connection,
-/// the task lived on the main runtime and every lookup crossed threads twice: about a
-/// third of a miss's CPU went to those wake-ups).
+/// the task lived on the main runtime and every lookup crossed threads twice;
+/// BENCHMARKS.md, "Cold keys").
 #[derive(Default)]
 struct Slot {
     /// The connection and the thread that opened it (`None` for the shared slot); `None`
@@ -586,11 +592,7 @@ impl RedisStore {
             .set_number_of_retries(0)
             .set_connection_timeout(self.timeout);
         let mut manager = ConnectionManager::new_with_config(self.client.clone(), config).await?;
-        let mut load = redis::pipe();
-        for code in &self.scripts.sources {
-            load.cmd("SCRIPT").arg("LOAD").arg(code);
-        }
-        load.query_async::<()>(&mut manager).await?;
+        self.scripts.load().query_async::<()>(&mut manager).await?;
         let conn = Arc::new((owner, manager));
         slot.conn.store(Some(conn.clone()));
         Ok(conn)
@@ -744,7 +746,7 @@ impl RedisStore {
             args.push(u.at_ms.to_string());
         }
         let users: Vec<_> = by_user.into_iter().collect();
-        let (script, source) = (&self.scripts.record_uses, &self.scripts.record_uses_source);
+        let script = &self.scripts.record_uses;
         for chunk in users.chunks(USES_PER_PIPELINE) {
             let mut pipe = redis::pipe();
             for (id, pairs) in chunk {
@@ -759,20 +761,17 @@ impl RedisStore {
                     .ignore();
             }
             let pipe = &pipe;
-            // The script is loaded with each new connection; after a `SCRIPT FLUSH` (or a
-            // Redis that lost it) it is loaded again and the pipeline sent again: a use
-            // recorded twice is the same use (the later time wins).
+            // The scripts are loaded with each new connection; after a `SCRIPT FLUSH` (or a
+            // Redis that lost them) they are loaded again, as a new connection does, and
+            // the pipeline sent again: a use recorded twice is the same use (the later
+            // time wins).
             self.call(
                 "record key uses",
                 Call::Change,
                 move |mut conn| async move {
                     match pipe.query_async::<()>(&mut conn).await {
                         Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-                            redis::cmd("SCRIPT")
-                                .arg("LOAD")
-                                .arg(source.as_str())
-                                .query_async::<()>(&mut conn)
-                                .await?;
+                            self.scripts.load().query_async::<()>(&mut conn).await?;
                             pipe.query_async::<()>(&mut conn).await
                         }
                         r => r,
