@@ -129,8 +129,11 @@ fi
 mkdir -p "$OUT"
 rm -f "$OUT"/*.tsv "$OUT"/*.txt "$OUT"/results.md
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+free_ports() { # count -> that many distinct free ports on one line
+  python3 -c 'import socket, sys
+ss = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in ss: s.bind(("127.0.0.1", 0))
+print(*[s.getsockname()[1] for s in ss])' "$1"
 }
 wait_port() { # port, seconds
   local i
@@ -176,17 +179,10 @@ rss_kib() { # pid and its children
 }
 
 # ---- 3./4. backend and nginx peers -------------------------------------------------------
-BACKEND_PORT=$(free_port)
-NGX_PROXY_PORT=$(free_port)
-NGX_AUTH_PORT=$(free_port)
-NGX_AUTHSVC_PORT=$(free_port)
-NGX_H2_PORT=$(free_port)
-NGX_TLS_PORT=$(free_port)
-GATE_PORT=$(free_port)
-GATE_ADMIN_PORT=$(free_port)
-GATE_B_PORT=$(free_port)
-GATE_B_ADMIN_PORT=$(free_port)
-REDIS_PORT=$(free_port)
+# All at once, each socket held until every port is chosen: one at a time, the kernel
+# may hand out the same port twice.
+read -r BACKEND_PORT NGX_PROXY_PORT NGX_AUTH_PORT NGX_AUTHSVC_PORT NGX_H2_PORT NGX_TLS_PORT \
+  GATE_PORT GATE_ADMIN_PORT GATE_B_PORT GATE_B_ADMIN_PORT REDIS_PORT < <(free_ports 11)
 
 nginx_conf() { # name, workers, server blocks
   local dir=$WORK/nginx-$1 user=""

@@ -1,24 +1,27 @@
 //! The forwarder: each worker's pool of HTTP/1.1 connections to the backend, the
-//! request and response bodies that stream through the gateway, and the mapping of
+//! HTTP/1.1 client that runs an exchange on one of them inside the request's own task,
+//! the request and response bodies that stream through the gateway, and the mapping of
 //! backend failures to refusals.
 
 use std::error::Error as StdError;
 use std::future::Future;
+use std::io;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, TRANSFER_ENCODING};
 use http::uri::PathAndQuery;
-use http::{HeaderValue, Request, Response, Uri, Version};
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_util::io::poll_read_buf;
 
 use crate::config::UpstreamConfig;
 use crate::errors::Refusal;
@@ -42,12 +45,12 @@ impl GateBody {
 
 impl Body for GateBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         match self.get_mut() {
             GateBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             GateBody::Upstream(inner) => Pin::new(inner).poll_frame(cx),
@@ -151,34 +154,684 @@ impl Body for LimitedBody {
     }
 }
 
-/// The backend's response body on its way to the client. Holds the connection it came
-/// on, which goes back to the pool when the body is dropped (finished or abandoned).
+/// Most header fields a backend's response head may carry (as hyper's client).
+const MAX_RESPONSE_HEADERS: usize = 100;
+/// Largest response head taken from a backend; a larger one is a 502. nginx's default
+/// (`proxy_buffer_size`) is 4 or 8 KB.
+const MAX_RESPONSE_HEAD_BYTES: usize = 64 * 1024;
+/// What a read from the backend reserves room for at first, and at most.
+const READ_RESERVE: usize = 8 * 1024;
+const MAX_READ: usize = 256 * 1024;
+/// Longest chunk-size line (size and extensions) and most trailer bytes taken from a
+/// chunked response.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILER_BYTES: usize = 16 * 1024;
+
+/// One HTTP/1.1 connection to the backend. Its exchanges run in the task of the
+/// request they serve: the request head is written, the response head read and its
+/// body streamed by whoever polls them, with no connection task between.
+struct Conn {
+    io: TcpStream,
+    /// Bytes read from the backend and not yet handed on.
+    buf: BytesMut,
+    /// The request head being written; its allocation is kept for the next one.
+    out: Vec<u8>,
+    /// Where the fields of the response head being read are (kept likewise).
+    at: Vec<[usize; 4]>,
+    /// How much room a read is given.
+    read_size: usize,
+}
+
+impl Conn {
+    fn new(io: TcpStream) -> Conn {
+        Conn {
+            io,
+            buf: BytesMut::with_capacity(READ_RESERVE),
+            out: Vec::with_capacity(1024),
+            at: Vec::with_capacity(16),
+            read_size: READ_RESERVE,
+        }
+    }
+
+    /// Whether an idle connection can take a request: the backend has neither closed
+    /// it nor sent anything unasked. Registers `cx` to be woken when that changes.
+    /// Costs no system call unless the socket says it is readable.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            match self.io.poll_read_ready(cx) {
+                Poll::Pending => return true,
+                Poll::Ready(Err(_)) => return false,
+                Poll::Ready(Ok(())) => {
+                    // Readiness can outlive the data (a read that filled its buffer
+                    // leaves it set): look, which clears it if nothing is there.
+                    let mut probe = [0u8; 1];
+                    match self.io.try_read(&mut probe) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        // End of stream, a byte nobody asked for, or an error.
+                        _ => return false,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Room for the next read: `read_size` bytes, doubled (up to [`MAX_READ`]) while
+    /// reads fill all the room they are given, as a large body's do.
+    fn reserve(&mut self) -> usize {
+        if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
+            self.buf.reserve(self.read_size);
+        }
+        self.buf.capacity() - self.buf.len()
+    }
+
+    /// After a read of `n` bytes into `room`.
+    fn adapt(&mut self, n: usize, room: usize) {
+        if n >= room && self.read_size < MAX_READ {
+            self.read_size *= 2;
+        }
+    }
+
+    /// Writes `data` while watching for an early answer: if the backend starts its
+    /// final response while the socket is not writable, stops and returns `false`.
+    async fn write_watching(&mut self, mut data: &[u8]) -> io::Result<bool> {
+        loop {
+            while !data.is_empty() {
+                match self.io.try_write(data) {
+                    Ok(n) => data = &data[n..],
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            if data.is_empty() {
+                return Ok(true);
+            }
+            let readable = tokio::select! {
+                biased;
+                r = self.io.readable() => { r?; true }
+                r = self.io.writable() => { r?; false }
+            };
+            if readable && self.answered() {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Reads what the backend sent while the request body is still on its way: `true`
+    /// once its final response has begun (or it closed, or the bytes make no sense:
+    /// reading the response says which). Informational responses are dropped.
+    fn answered(&mut self) -> bool {
+        self.reserve();
+        match self.io.try_read_buf(&mut self.buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Ok(0) | Err(_) => true,
+            Ok(_) => final_response_begun(&mut self.buf),
+        }
+    }
+}
+
+/// Drops the complete informational (1xx) heads at the front of `buf`; `true` when a
+/// final response's head is there, or bytes no response starts with.
+fn final_response_begun(buf: &mut BytesMut) -> bool {
+    loop {
+        let mut slots = [const { MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        match httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut resp, buf, &mut slots)
+        {
+            Ok(httparse::Status::Complete(n)) => match resp.code {
+                Some(code) if (100..200).contains(&code) && code != 101 => buf.advance(n),
+                _ => return true,
+            },
+            Ok(httparse::Status::Partial) => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// How the request body goes to the backend.
+#[derive(Clone, Copy, PartialEq)]
+enum RequestFraming {
+    /// No body.
+    None,
+    /// As many bytes as the `Content-Length` the head carries.
+    Length,
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// Header fields the gateway adds to a request, in groups.
+pub type Added<'a> = [&'a [(&'a HeaderName, &'a HeaderValue)]; 2];
+
+/// Writes the request head into `out`: request line, every header as the map holds it
+/// (names lower-case), the `added` ones, and the framing header the body needs when the
+/// head has none.
+fn encode_head(
+    head: &http::request::Parts,
+    added: Added<'_>,
+    body: &LimitedBody,
+    out: &mut Vec<u8>,
+) -> RequestFraming {
+    out.clear();
+    out.extend_from_slice(head.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(
+        head.uri
+            .path_and_query()
+            .map_or("/", PathAndQuery::as_str)
+            .as_bytes(),
+    );
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in head
+        .headers
+        .iter()
+        .chain(added.into_iter().flatten().copied())
+    {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let framing = if body.is_end_stream() {
+        RequestFraming::None
+    } else if head.headers.contains_key(CONTENT_LENGTH) {
+        // hyper has read the client's body by this length; it arrives exactly so.
+        RequestFraming::Length
+    } else if let Some(len) = body.size_hint().exact() {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(len.to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+        RequestFraming::Length
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        RequestFraming::Chunked
+    };
+    out.extend_from_slice(b"\r\n");
+    framing
+}
+
+/// What became of the request body.
+enum Sent {
+    /// All of it went.
+    All,
+    /// The backend answered first; the rest was not sent.
+    Answered,
+}
+
+/// Streams the request body to the backend, framed as `framing` says, while watching
+/// for an early answer.
+async fn send_body(
+    conn: &mut Conn,
+    body: &mut LimitedBody,
+    framing: RequestFraming,
+) -> Result<Sent, Refusal> {
+    let chunked = framing == RequestFraming::Chunked;
+    loop {
+        let next = tokio::select! {
+            biased;
+            r = conn.io.readable() => Err(r),
+            f = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)) => Ok(f),
+        };
+        let data = match next {
+            Err(Err(_)) => return Ok(Sent::Answered),
+            Err(Ok(())) => {
+                if conn.answered() {
+                    return Ok(Sent::Answered);
+                }
+                continue;
+            }
+            Ok(None) => {
+                if chunked
+                    && !conn
+                        .write_watching(b"0\r\n\r\n")
+                        .await
+                        .map_err(|e| classify(&e))?
+                {
+                    return Ok(Sent::Answered);
+                }
+                return Ok(Sent::All);
+            }
+            Ok(Some(Err(e))) => return Err(body_refusal(&e)),
+            Ok(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) if !data.is_empty() => data,
+                // Trailers are not forwarded; empty frames carry nothing.
+                _ => continue,
+            },
+        };
+        let written = if chunked {
+            let size = format!("{:x}\r\n", data.len());
+            conn.write_watching(size.as_bytes())
+                .await
+                .map_err(|e| classify(&e))?
+                && conn.write_watching(&data).await.map_err(|e| classify(&e))?
+                && conn
+                    .write_watching(b"\r\n")
+                    .await
+                    .map_err(|e| classify(&e))?
+        } else {
+            conn.write_watching(&data).await.map_err(|e| classify(&e))?
+        };
+        if !written {
+            return Ok(Sent::Answered);
+        }
+    }
+}
+
+fn body_refusal(e: &RequestBodyError) -> Refusal {
+    match e {
+        RequestBodyError::TooLarge => Refusal::PayloadTooLarge,
+        RequestBodyError::Client(_) => Refusal::BadRequest,
+        RequestBodyError::Timeout => Refusal::RequestTimeout,
+    }
+}
+
+/// A backend's response head, read.
+struct ResponseHead {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+}
+
+/// Takes a complete final response head off the front of `buf` (informational ones
+/// before it are dropped); `None` while it is incomplete. Header values are slices of
+/// the bytes read, not copies.
+fn take_response_head(
+    buf: &mut BytesMut,
+    at: &mut Vec<[usize; 4]>,
+) -> Result<Option<ResponseHead>, Refusal> {
+    loop {
+        // Uninitialised: zeroing 100 slots cost more than parsing a short head.
+        let mut slots = [const { MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut resp, buf, &mut slots)
+        {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) if buf.len() <= MAX_RESPONSE_HEAD_BYTES => {
+                return Ok(None);
+            }
+            Ok(httparse::Status::Partial) => {
+                tracing::debug!("upstream response head too large");
+                return Err(Refusal::UpstreamUnavailable);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "upstream response head unreadable");
+                return Err(Refusal::UpstreamUnavailable);
+            }
+        };
+        if len > MAX_RESPONSE_HEAD_BYTES {
+            tracing::debug!("upstream response head too large");
+            return Err(Refusal::UpstreamUnavailable);
+        }
+        let code = resp.code.unwrap_or(0);
+        let status = StatusCode::from_u16(code).map_err(|_| Refusal::UpstreamUnavailable)?;
+        if status.is_informational() {
+            if code == 101 {
+                // Never asked for: `Upgrade` does not cross the gateway.
+                tracing::debug!("upstream switched protocols unasked");
+                return Err(Refusal::UpstreamUnavailable);
+            }
+            buf.advance(len);
+            continue;
+        }
+        let version = if resp.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        // Where each field sits, so that its value can be cut from the frozen head.
+        let base = buf.as_ptr() as usize;
+        at.clear();
+        at.extend(resp.headers.iter().map(|h| {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            [name, name + h.name.len(), value, value + h.value.len()]
+        }));
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(at.len());
+        for &[ns, ne, vs, ve] in at.iter() {
+            let name = HeaderName::from_bytes(&head[ns..ne]);
+            let value = HeaderValue::from_maybe_shared(head.slice(vs..ve));
+            match (name, value) {
+                (Ok(name), Ok(value)) => {
+                    headers.append(name, value);
+                }
+                _ => {
+                    tracing::debug!("upstream response header unreadable");
+                    return Err(Refusal::UpstreamUnavailable);
+                }
+            }
+        }
+        return Ok(Some(ResponseHead {
+            status,
+            version,
+            headers,
+        }));
+    }
+}
+
+/// Whether `headers`' `Connection` lists `token`.
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers.get_all(CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
+}
+
+/// The declared length of a response body: every `Content-Length` value (lists
+/// included) the same plain digits. `Err` for anything else.
+fn response_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
+    let mut length = None;
+    for v in headers.get_all(CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|&b| b == b',') {
+            let digits = part.trim_ascii();
+            if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+                return Err(());
+            }
+            let n = digits
+                .iter()
+                .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            if length.is_some_and(|l| l != n) {
+                return Err(());
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length)
+}
+
+/// How a response body is framed (RFC 9112 section 6.3), read from its head.
+fn response_framing(
+    head: &mut ResponseHead,
+    request_was_head: bool,
+) -> Result<(Framing, bool), Refusal> {
+    let status = head.status.as_u16();
+    let mut reusable = if head.version == Version::HTTP_10 {
+        connection_has(&head.headers, "keep-alive")
+    } else {
+        !connection_has(&head.headers, "close")
+    };
+    let framing = if request_was_head || status == 204 || status == 304 {
+        Framing::Done
+    } else if let Some(te) = head.headers.get_all(TRANSFER_ENCODING).iter().next_back() {
+        let chunked = te
+            .as_bytes()
+            .rsplit(|&b| b == b',')
+            .next()
+            .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        if head.headers.remove(CONTENT_LENGTH).is_some() {
+            // Both: the length is ignored (RFC 9112 section 6.3) and the connection
+            // not used again.
+            reusable = false;
+        }
+        if chunked {
+            Framing::Chunked(Chunk::Size)
+        } else {
+            Framing::Eof
+        }
+    } else {
+        match response_length(&head.headers) {
+            Ok(Some(n)) => Framing::Length(n),
+            Ok(None) => Framing::Eof,
+            Err(()) => {
+                tracing::debug!("upstream response with an invalid content-length");
+                return Err(Refusal::UpstreamUnavailable);
+            }
+        }
+    };
+    if framing == Framing::Eof {
+        reusable = false;
+    }
+    Ok((framing, reusable))
+}
+
+/// Where a response body is.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Framing {
+    /// This many bytes to go.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the backend closes the connection.
+    Eof,
+    /// Complete.
+    Done,
+}
+
+/// Where a chunked body is.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Chunk {
+    /// Before a chunk-size line.
+    Size,
+    /// In a chunk's data, this many bytes to go.
+    Data(u64),
+    /// At the CRLF after a chunk's data.
+    DataEnd,
+    /// In the trailer section, this many bytes of it seen.
+    Trailers(usize),
+}
+
+/// What the bytes read so far give.
+enum Step {
+    Data(Bytes),
+    Done,
+    NeedMore,
+}
+
+impl Framing {
+    /// Takes the next piece of body from `buf`.
+    fn take(&mut self, buf: &mut BytesMut) -> io::Result<Step> {
+        loop {
+            match self {
+                Framing::Done => return Ok(Step::Done),
+                Framing::Length(0) => {
+                    *self = Framing::Done;
+                    return Ok(Step::Done);
+                }
+                Framing::Length(remaining) => {
+                    if buf.is_empty() {
+                        return Ok(Step::NeedMore);
+                    }
+                    let n = buf
+                        .len()
+                        .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
+                    *remaining -= n as u64;
+                    if *remaining == 0 {
+                        *self = Framing::Done;
+                    }
+                    return Ok(Step::Data(buf.split_to(n).freeze()));
+                }
+                Framing::Eof => {
+                    if buf.is_empty() {
+                        return Ok(Step::NeedMore);
+                    }
+                    return Ok(Step::Data(buf.split().freeze()));
+                }
+                Framing::Chunked(chunk) => match *chunk {
+                    Chunk::Size => {
+                        let Some(end) = line_end(buf, MAX_CHUNK_LINE)? else {
+                            return Ok(Step::NeedMore);
+                        };
+                        let size = chunk_size(&buf[..end])?;
+                        buf.advance(end + 2);
+                        *chunk = if size == 0 {
+                            Chunk::Trailers(0)
+                        } else {
+                            Chunk::Data(size)
+                        };
+                    }
+                    Chunk::Data(remaining) => {
+                        if buf.is_empty() {
+                            return Ok(Step::NeedMore);
+                        }
+                        let n = buf
+                            .len()
+                            .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+                        let left = remaining - n as u64;
+                        *chunk = if left == 0 {
+                            Chunk::DataEnd
+                        } else {
+                            Chunk::Data(left)
+                        };
+                        return Ok(Step::Data(buf.split_to(n).freeze()));
+                    }
+                    Chunk::DataEnd => {
+                        if buf.len() < 2 {
+                            return Ok(Step::NeedMore);
+                        }
+                        if &buf[..2] != b"\r\n" {
+                            return Err(invalid("chunk data not followed by CRLF"));
+                        }
+                        buf.advance(2);
+                        *chunk = Chunk::Size;
+                    }
+                    Chunk::Trailers(seen) => {
+                        let Some(end) = line_end(buf, MAX_TRAILER_BYTES - seen)? else {
+                            return Ok(Step::NeedMore);
+                        };
+                        buf.advance(end + 2);
+                        if end == 0 {
+                            *self = Framing::Done;
+                        } else {
+                            // Trailer fields are not forwarded.
+                            *chunk = Chunk::Trailers(seen + end + 2);
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Where the CRLF ending the line at the front of `buf` is; `None` while it has not
+/// come. A bare CR or LF, or a line longer than `max`, is an error.
+fn line_end(buf: &[u8], max: usize) -> io::Result<Option<usize>> {
+    match buf
+        .iter()
+        .take(max + 2)
+        .position(|&b| b == b'\n' || b == b'\r')
+    {
+        Some(i) if buf.get(i) == Some(&b'\r') => match buf.get(i + 1) {
+            Some(b'\n') => Ok(Some(i)),
+            Some(_) => Err(invalid("bare CR in a chunked body")),
+            None => Ok(None),
+        },
+        Some(_) => Err(invalid("bare LF in a chunked body")),
+        None if buf.len() > max => Err(invalid("chunk line or trailers too long")),
+        None => Ok(None),
+    }
+}
+
+/// The size of a chunk-size line: hex digits, then optional blanks and extensions.
+fn chunk_size(line: &[u8]) -> io::Result<u64> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 16 {
+        return Err(invalid("chunk size"));
+    }
+    let rest = line[digits..].trim_ascii_start();
+    if !(rest.is_empty() || rest[0] == b';') {
+        return Err(invalid("chunk size"));
+    }
+    Ok(line[..digits].iter().fold(0u64, |n, &d| {
+        n * 16 + u64::from(crate::path::hex_value(d).unwrap_or(0))
+    }))
+}
+
+fn invalid(what: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+/// The backend's response body on its way to the client, read from the connection by
+/// the task that sends it on. The connection goes back to the pool as soon as the body
+/// is complete; one dropped before that is closed.
 pub struct UpstreamBody {
-    body: Incoming,
-    _conn: Checkin,
+    conn: Option<Conn>,
+    framing: Framing,
+    reusable: bool,
+    pool: Arc<Pool>,
+}
+
+impl UpstreamBody {
+    /// The body is complete: the connection goes back when it can take another request.
+    fn finish(&mut self) {
+        self.framing = Framing::Done;
+        if let Some(conn) = self.conn.take()
+            && self.reusable
+            && conn.buf.is_empty()
+        {
+            self.pool.put(conn);
+        }
+    }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match this.framing.take(&mut conn.buf) {
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Ok(Step::Done) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Step::Data(data)) => {
+                    if this.framing == Framing::Done {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Step::NeedMore) => {}
+            }
+            let room = conn.reserve();
+            let read = ready!(poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf));
+            if let Ok(n) = read {
+                conn.adapt(n, room);
+            }
+            match read {
+                Ok(0) if this.framing == Framing::Eof => {
+                    this.framing = Framing::Done;
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the backend closed the connection before the body was complete",
+                    ))));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.framing == Framing::Done
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            Framing::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
     }
 }
-
-type Sender = SendRequest<LimitedBody>;
 
 /// The upstream client of one worker: HTTP/1.1 connections to the one backend this
 /// gateway fronts, kept idle between requests (most recently used first).
@@ -198,13 +851,21 @@ struct Pool {
     connect_timeout: Duration,
     max_idle: usize,
     idle_timeout: Duration,
-    handshake: http1::Builder,
-    idle: Mutex<Vec<Idle>>,
-    reaper_started: AtomicBool,
+    idle: Mutex<IdleSet>,
+}
+
+/// The idle connections, and the task that watches them.
+#[derive(Default)]
+struct IdleSet {
+    conns: Vec<Idle>,
+    /// Wakes the watcher: registered on every idle connection, so that one the backend
+    /// closes is closed here too, without a task per connection.
+    watcher: Option<Waker>,
+    watching: bool,
 }
 
 struct Idle {
-    sender: Sender,
+    conn: Conn,
     since: Instant,
 }
 
@@ -227,14 +888,7 @@ impl Forwarder {
                 connect_timeout: cfg.connect_timeout,
                 max_idle: cfg.pool_max_idle_per_host,
                 idle_timeout: cfg.pool_idle_timeout,
-                handshake: {
-                    // Flattened writes, as on the listener side (server::connection_builder).
-                    let mut b = http1::Builder::new();
-                    b.writev(false);
-                    b
-                },
-                idle: Mutex::new(Vec::new()),
-                reaper_started: AtomicBool::new(false),
+                idle: Mutex::new(IdleSet::default()),
             }),
             host: host_header,
             response_timeout,
@@ -253,13 +907,17 @@ impl Forwarder {
     }
 
     /// Sends the request and waits for the response head. The body streams afterwards.
-    /// The request must carry a `Host` header.
+    /// `head` must carry a `Host` header and a target in origin form; `added` are the
+    /// gateway's own headers, written after the head's (which must hold none of their
+    /// names).
     pub async fn send(
         &self,
-        mut req: Request<LimitedBody>,
+        head: &http::request::Parts,
+        body: LimitedBody,
+        added: Added<'_>,
     ) -> Result<Response<UpstreamBody>, Refusal> {
-        *req.version_mut() = Version::HTTP_11;
-        match tokio::time::timeout(self.response_timeout, self.pool.send(req)).await {
+        let exchange = self.pool.send(head, body, added);
+        match tokio::time::timeout(self.response_timeout, exchange).await {
             Err(_) => Err(Refusal::UpstreamTimeout),
             Ok(r) => r,
         }
@@ -269,46 +927,84 @@ impl Forwarder {
 impl Pool {
     async fn send(
         self: &Arc<Self>,
-        mut req: Request<LimitedBody>,
+        head: &http::request::Parts,
+        mut body: LimitedBody,
+        added: Added<'_>,
     ) -> Result<Response<UpstreamBody>, Refusal> {
-        loop {
-            let (mut sender, reused) = match self.checkout() {
-                Some(s) => (s, true),
+        let (mut conn, framing) = loop {
+            let (mut conn, reused) = match self.checkout() {
+                Some(c) => (c, true),
                 // Boxed: connecting is rare (the pool), and its future would otherwise
                 // sit inline in every request's.
                 None => (Box::pin(self.connect()).await?, false),
             };
-            match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    let (parts, body) = resp.into_parts();
-                    let conn = Checkin {
-                        sender: Some(sender),
-                        pool: self.clone(),
-                    };
-                    return Ok(Response::from_parts(
-                        parts,
-                        UpstreamBody { body, _conn: conn },
-                    ));
+            let framing = encode_head(head, added, &body, &mut conn.out);
+            match conn.io.write_all(&conn.out).await {
+                Ok(()) => break (conn, framing),
+                // The backend had closed an idle connection: no request reached it
+                // (at most part of a head), so another connection may take this one.
+                Err(e) if reused => {
+                    tracing::debug!(error = %e, "idle upstream connection broken; retrying");
                 }
-                Err(mut e) => match e.take_message() {
-                    // Not a byte of it was written: an idle connection the backend had
-                    // just closed. Another connection may take it.
-                    Some(unsent) if reused => req = unsent,
-                    _ => {
-                        tracing::debug!(error = %e.error(), "upstream request failed");
-                        return Err(classify(e.error()));
-                    }
-                },
+                Err(e) => {
+                    tracing::debug!(error = %e, "upstream request failed");
+                    return Err(classify(&e));
+                }
+            }
+        };
+        let mut complete = true;
+        if framing != RequestFraming::None {
+            // Boxed: most requests have no body, and this future would otherwise sit
+            // inline in every request's.
+            match Box::pin(send_body(&mut conn, &mut body, framing)).await? {
+                Sent::All => {}
+                // The connection is not used again: the backend may still read the
+                // rest of a body that will not come.
+                Sent::Answered => complete = false,
             }
         }
+        drop(body);
+        let mut response = loop {
+            if let Some(response) = take_response_head(&mut conn.buf, &mut conn.at)? {
+                break response;
+            }
+            conn.reserve();
+            match conn.io.read_buf(&mut conn.buf).await {
+                Ok(0) => {
+                    tracing::debug!("upstream closed the connection before answering");
+                    return Err(Refusal::UpstreamUnavailable);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "upstream read failed");
+                    return Err(classify(&e));
+                }
+            }
+        };
+        let (framing, reusable) = response_framing(&mut response, head.method == Method::HEAD)?;
+        let mut body = UpstreamBody {
+            conn: Some(conn),
+            framing,
+            reusable: reusable && complete,
+            pool: self.clone(),
+        };
+        if framing == Framing::Done {
+            body.finish();
+        }
+        let mut resp = Response::new(body);
+        *resp.status_mut() = response.status;
+        *resp.version_mut() = response.version;
+        *resp.headers_mut() = response.headers;
+        Ok(resp)
     }
 
     /// The most recently used idle connection that is still open.
-    fn checkout(&self) -> Option<Sender> {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(i) = idle.pop() {
-            if i.sender.is_ready() {
-                return Some(i.sender);
+    fn checkout(&self) -> Option<Conn> {
+        let mut set = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut cx = Context::from_waker(Waker::noop());
+        while let Some(mut idle) = set.conns.pop() {
+            if idle.conn.poll_idle(&mut cx) {
+                return Some(idle.conn);
             }
             // Closed by the backend (or broken) while idle.
         }
@@ -316,51 +1012,42 @@ impl Pool {
     }
 
     /// Keeps a connection that is ready for its next request, unless the pool is full.
-    fn put(self: &Arc<Self>, sender: Sender) {
+    fn put(self: &Arc<Self>, mut conn: Conn) {
         if self.max_idle == 0 {
             return;
         }
-        let since = Instant::now();
-        {
-            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-            if idle.len() >= self.max_idle {
-                return;
-            }
-            idle.push(Idle { sender, since });
+        let mut set = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if set.conns.len() >= self.max_idle {
+            return;
         }
-        if !self.reaper_started.load(Ordering::Relaxed)
-            && !self.reaper_started.swap(true, Ordering::Relaxed)
+        let alive = match &set.watcher {
+            Some(w) => conn.poll_idle(&mut Context::from_waker(w)),
+            // The watcher registers itself on its first run.
+            None => conn.poll_idle(&mut Context::from_waker(Waker::noop())),
+        };
+        if !alive {
+            return;
+        }
+        set.conns.push(Idle {
+            conn,
+            since: Instant::now(),
+        });
+        if !set.watching
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
-            rt.spawn(reap(Arc::downgrade(self), self.idle_timeout));
+            set.watching = true;
+            rt.spawn(watch_idle(Arc::downgrade(self), self.idle_timeout));
         }
-    }
-
-    /// Drops the connections idle for `idle_timeout` or more, and those closed.
-    fn evict(&self) {
-        let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        idle.retain(|i| now.duration_since(i.since) < self.idle_timeout && !i.sender.is_closed());
     }
 
     /// A new connection: resolve, connect with `TCP_NODELAY` within the connect timeout
-    /// (split evenly over the addresses, tried in order), HTTP/1.1 handshake.
-    async fn connect(&self) -> Result<Sender, Refusal> {
+    /// (split evenly over the addresses, tried in order).
+    async fn connect(&self) -> Result<Conn, Refusal> {
         let stream = self.tcp().await.map_err(|e| {
             tracing::debug!(error = %e, host = %self.host, port = self.port, "upstream connect failed");
             classify(&e)
         })?;
-        let (sender, conn) = self
-            .handshake
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| classify(&e))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection error");
-            }
-        });
-        Ok(sender)
+        Ok(Conn::new(stream))
     }
 
     async fn tcp(&self) -> std::io::Result<TcpStream> {
@@ -392,44 +1079,38 @@ impl Pool {
     }
 }
 
-/// Closes idle connections past the idle timeout: checks every eighth of it, so a
-/// connection goes after between 1 and 1.125 times the timeout. Ends with the pool.
-async fn reap(pool: std::sync::Weak<Pool>, idle_timeout: Duration) {
+/// Watches the idle connections of a pool: closes one the backend closed (or sent
+/// something on) as soon as its socket says so, and those idle for `idle_timeout`,
+/// checked every eighth of it (so a connection goes after between 1 and 1.125 times
+/// the timeout). Its waker is registered on every idle connection, so it runs only when
+/// one of them changes or the period ends. Ends with the pool.
+async fn watch_idle(pool: std::sync::Weak<Pool>, idle_timeout: Duration) {
     let period = (idle_timeout / 8).max(Duration::from_millis(90));
-    loop {
-        tokio::time::sleep(period).await;
-        let Some(pool) = pool.upgrade() else { return };
-        pool.evict();
-    }
-}
-
-/// A connection in use by one exchange. When the response body is done with, the
-/// connection goes back to the pool once it is ready for another request: at once in
-/// the usual case, else from a task that waits for the rest of the exchange (the
-/// request body still streaming, say). One that closes meanwhile is dropped.
-struct Checkin {
-    sender: Option<Sender>,
-    pool: Arc<Pool>,
-}
-
-impl Drop for Checkin {
-    fn drop(&mut self) {
-        let Some(mut sender) = self.sender.take() else {
-            return;
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    std::future::poll_fn(|cx| {
+        let Some(pool) = pool.upgrade() else {
+            return Poll::Ready(());
         };
-        if sender.is_ready() {
-            self.pool.put(sender);
-        } else if !sender.is_closed()
-            && let Ok(rt) = tokio::runtime::Handle::try_current()
-        {
-            let pool = self.pool.clone();
-            rt.spawn(async move {
-                if sender.ready().await.is_ok() {
-                    pool.put(sender);
-                }
-            });
+        let mut expire = false;
+        while tick.poll_tick(cx).is_ready() {
+            expire = true;
         }
-    }
+        let now = Instant::now();
+        let mut set = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if !set
+            .watcher
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            set.watcher = Some(cx.waker().clone());
+        }
+        set.conns.retain_mut(|i| {
+            !(expire && now.duration_since(i.since) >= idle_timeout) && i.conn.poll_idle(cx)
+        });
+        Poll::Pending
+    })
+    .await
 }
 
 /// Maps an upstream failure to where it came from: the client's request body, a

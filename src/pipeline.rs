@@ -52,11 +52,9 @@ impl Policy {
     }
 
     /// The `x-campaign-api` value of an API.
-    pub fn api_header(&self, api: ApiId) -> HeaderValue {
-        self.api_headers
-            .get(usize::from(api.0))
-            .cloned()
-            .unwrap_or(HeaderValue::from_static(""))
+    pub fn api_header(&self, api: ApiId) -> &HeaderValue {
+        static NONE: HeaderValue = HeaderValue::from_static("");
+        self.api_headers.get(usize::from(api.0)).unwrap_or(&NONE)
     }
 }
 

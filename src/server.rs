@@ -583,6 +583,10 @@ async fn housekeeping(gate: Arc<Gate>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
+/// `X-Forwarded-Proto` values.
+static HTTP: HeaderValue = HeaderValue::from_static("http");
+static HTTPS: HeaderValue = HeaderValue::from_static("https");
+
 /// One request, start to finish: decide, then forward or refuse.
 async fn handle(
     worker: Arc<Worker>,
@@ -695,25 +699,45 @@ async fn handle(
                     .unwrap_or_else(|| worker.forwarder.default_host());
                 h.insert(HOST, host);
             }
-            headers::set_forwarded(h, &peer_header, peer_trusted, proto);
-            h.insert(X_REQUEST_ID, request_id.clone());
-            h.insert(
-                policy.identity.user_id.clone(),
-                principal.user.user_id_header.clone(),
-            );
-            h.insert(
-                policy.identity.tenant.clone(),
-                HeaderValue::clone(&principal.user.tenant_header),
-            );
-            h.insert(policy.identity.api.clone(), policy.api_header(api));
-            h.insert(policy.identity.key_id.clone(), principal.key_id_header());
+            // The gateway's own headers are not inserted into the map (each insert
+            // hashes, and the map would grow twice) but written after it by the
+            // forwarder; what the client sent under their names goes first. For a
+            // trusted proxy, `X-Forwarded-*` are appended to in the map.
+            h.remove(X_REQUEST_ID);
+            let host = if peer_trusted {
+                headers::set_forwarded(h, &peer_header, true, proto);
+                None
+            } else {
+                h.remove(headers::X_FORWARDED_FOR);
+                h.remove(headers::X_FORWARDED_PROTO);
+                h.remove(headers::X_FORWARDED_HOST);
+                h.get(HOST).cloned()
+            };
+            let proto = if proto == "https" { &HTTPS } else { &HTTP };
+            let key_id = principal.key_id_header();
+            let identity = &policy.identity;
+            let own = [
+                (&X_REQUEST_ID, &request_id),
+                (&identity.user_id, &principal.user.user_id_header),
+                (&identity.tenant, &principal.user.tenant_header),
+                (&identity.api, policy.api_header(api)),
+                (&identity.key_id, &key_id),
+            ];
+            let forwarded = [
+                (&headers::X_FORWARDED_FOR, &peer_header),
+                (&headers::X_FORWARDED_PROTO, proto),
+                // Left out below when there is no host (never: it was set above).
+                (&headers::X_FORWARDED_HOST, host.as_ref().unwrap_or(proto)),
+            ];
+            let forwarded = match (peer_trusted, &host) {
+                (true, _) => &forwarded[..0],
+                (false, Some(_)) => &forwarded[..],
+                (false, None) => &forwarded[..2],
+            };
             head.uri = uri;
-            let upstream_req = Request::from_parts(
-                head,
-                LimitedBody::new(body, max_body, policy.config.server.body_read_timeout),
-            );
+            let body = LimitedBody::new(body, max_body, policy.config.server.body_read_timeout);
             let sent = Instant::now();
-            let r = worker.forwarder.send(upstream_req).await;
+            let r = worker.forwarder.send(&head, body, [&own, forwarded]).await;
             gate.metrics.upstream_seconds.observe(sent.elapsed());
             r
         }
