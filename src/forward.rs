@@ -429,6 +429,52 @@ struct ResponseHead {
     status: StatusCode,
     version: Version,
     headers: HeaderMap,
+    facts: Facts,
+}
+
+/// What the framing of a response depends on, noted as its fields are read (no map
+/// lookups afterwards).
+#[derive(Default)]
+struct Facts {
+    /// What every `Content-Length` value (lists included) said, when they agreed.
+    length: Option<u64>,
+    /// A `Content-Length` value was not plain digits, or disagreed with another.
+    bad_length: bool,
+    /// Whether the last `Transfer-Encoding` ends in `chunked`; `None` without one.
+    chunked: Option<bool>,
+    /// `Connection` lists `close`; lists `keep-alive`.
+    close: bool,
+    keep_alive: bool,
+}
+
+impl Facts {
+    fn note(&mut self, name: &HeaderName, value: &[u8]) {
+        if name == CONTENT_LENGTH {
+            for part in value.split(|&b| b == b',') {
+                let digits = part.trim_ascii();
+                if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit)
+                {
+                    self.bad_length = true;
+                    continue;
+                }
+                let n = digits
+                    .iter()
+                    .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+                if self.length.is_some_and(|l| l != n) {
+                    self.bad_length = true;
+                }
+                self.length = Some(n);
+            }
+        } else if name == TRANSFER_ENCODING {
+            let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
+            self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == CONNECTION {
+            for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                self.close |= token.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+    }
 }
 
 /// Takes a complete final response head off the front of `buf` (informational ones
@@ -488,11 +534,13 @@ fn take_response_head(
         }));
         let head = buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(at.len());
+        let mut facts = Facts::default();
         for &[ns, ne, vs, ve] in at.iter() {
             let name = HeaderName::from_bytes(&head[ns..ne]);
             let value = HeaderValue::from_maybe_shared(head.slice(vs..ve));
             match (name, value) {
                 (Ok(name), Ok(value)) => {
+                    facts.note(&name, value.as_bytes());
                     headers.append(name, value);
                 }
                 _ => {
@@ -505,39 +553,9 @@ fn take_response_head(
             status,
             version,
             headers,
+            facts,
         }));
     }
-}
-
-/// Whether `headers`' `Connection` lists `token`.
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers.get_all(CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-    })
-}
-
-/// The declared length of a response body: every `Content-Length` value (lists
-/// included) the same plain digits. `Err` for anything else.
-fn response_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
-    let mut length = None;
-    for v in headers.get_all(CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|&b| b == b',') {
-            let digits = part.trim_ascii();
-            if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-                return Err(());
-            }
-            let n = digits
-                .iter()
-                .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            if length.is_some_and(|l| l != n) {
-                return Err(());
-            }
-            length = Some(n);
-        }
-    }
-    Ok(length)
 }
 
 /// How a response body is framed (RFC 9112 section 6.3), read from its head.
@@ -546,20 +564,18 @@ fn response_framing(
     request_was_head: bool,
 ) -> Result<(Framing, bool), Refusal> {
     let status = head.status.as_u16();
+    let facts = &head.facts;
     let mut reusable = if head.version == Version::HTTP_10 {
-        connection_has(&head.headers, "keep-alive")
+        facts.keep_alive
     } else {
-        !connection_has(&head.headers, "close")
+        !facts.close
     };
     let framing = if request_was_head || status == 204 || status == 304 {
         Framing::Done
-    } else if let Some(te) = head.headers.get_all(TRANSFER_ENCODING).iter().next_back() {
-        let chunked = te
-            .as_bytes()
-            .rsplit(|&b| b == b',')
-            .next()
-            .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        if head.headers.remove(CONTENT_LENGTH).is_some() {
+    } else if let Some(chunked) = facts.chunked {
+        if (facts.length.is_some() || facts.bad_length)
+            && head.headers.remove(CONTENT_LENGTH).is_some()
+        {
             // Both: the length is ignored (RFC 9112 section 6.3) and the connection
             // not used again.
             reusable = false;
@@ -569,15 +585,11 @@ fn response_framing(
         } else {
             Framing::Eof
         }
+    } else if facts.bad_length {
+        tracing::debug!("upstream response with an invalid content-length");
+        return Err(Refusal::UpstreamUnavailable);
     } else {
-        match response_length(&head.headers) {
-            Ok(Some(n)) => Framing::Length(n),
-            Ok(None) => Framing::Eof,
-            Err(()) => {
-                tracing::debug!("upstream response with an invalid content-length");
-                return Err(Refusal::UpstreamUnavailable);
-            }
-        }
+        facts.length.map_or(Framing::Eof, Framing::Length)
     };
     if framing == Framing::Eof {
         reusable = false;
