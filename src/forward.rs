@@ -14,7 +14,7 @@ use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -25,6 +25,7 @@ use tokio_util::io::poll_read_buf;
 
 use crate::config::UpstreamConfig;
 use crate::errors::Refusal;
+use crate::headers;
 
 /// Every response body the gateway sends: its own (refusals, admin) or the backend's,
 /// streamed. An enum instead of a boxed body: no allocation per response.
@@ -442,14 +443,16 @@ struct Facts {
     bad_length: bool,
     /// Whether the last `Transfer-Encoding` ends in `chunked`; `None` without one.
     chunked: Option<bool>,
-    /// `Connection` lists `close`; lists `keep-alive`.
+    /// `Connection` lists `close`; lists `keep-alive`; lists any other name.
     close: bool,
     keep_alive: bool,
+    nominates: bool,
 }
 
 impl Facts {
-    fn note(&mut self, name: &HeaderName, value: &[u8]) {
-        if name == CONTENT_LENGTH {
+    /// Notes one field, its name as sent (any case).
+    fn note(&mut self, name: &[u8], value: &[u8]) {
+        if name.eq_ignore_ascii_case(b"content-length") {
             for part in value.split(|&b| b == b',') {
                 let digits = part.trim_ascii();
                 if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit)
@@ -465,13 +468,16 @@ impl Facts {
                 }
                 self.length = Some(n);
             }
-        } else if name == TRANSFER_ENCODING {
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
             self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name == CONNECTION {
+        } else if name.eq_ignore_ascii_case(b"connection") {
             for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                self.close |= token.eq_ignore_ascii_case(b"close");
-                self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                let close = token.eq_ignore_ascii_case(b"close");
+                let keep_alive = token.eq_ignore_ascii_case(b"keep-alive");
+                self.close |= close;
+                self.keep_alive |= keep_alive;
+                self.nominates |= !(close || keep_alive || token.is_empty());
             }
         }
     }
@@ -526,21 +532,26 @@ fn take_response_head(
         };
         // Where each field sits, so that its value can be cut from the frozen head.
         let base = buf.as_ptr() as usize;
+        let mut facts = Facts::default();
         at.clear();
         at.extend(resp.headers.iter().map(|h| {
+            facts.note(h.name.as_bytes(), h.value);
             let name = h.name.as_ptr() as usize - base;
             let value = h.value.as_ptr() as usize - base;
             [name, name + h.name.len(), value, value + h.value.len()]
         }));
         let head = buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(at.len());
-        let mut facts = Facts::default();
         for &[ns, ne, vs, ve] in at.iter() {
             let name = HeaderName::from_bytes(&head[ns..ne]);
             let value = HeaderValue::from_maybe_shared(head.slice(vs..ve));
             match (name, value) {
+                // Hop-by-hop fields never reach the map, but for a `Connection` that
+                // names other fields: the whole strip below needs it.
+                (Ok(name), Ok(_))
+                    if headers::is_hop_by_hop(&name)
+                        && !(facts.nominates && name == CONNECTION) => {}
                 (Ok(name), Ok(value)) => {
-                    facts.note(&name, value.as_bytes());
                     headers.append(name, value);
                 }
                 _ => {
@@ -548,6 +559,9 @@ fn take_response_head(
                     return Err(Refusal::UpstreamUnavailable);
                 }
             }
+        }
+        if facts.nominates {
+            headers::strip_hop_by_hop(&mut headers);
         }
         return Ok(Some(ResponseHead {
             status,
@@ -918,7 +932,8 @@ impl Forwarder {
         self.host.clone()
     }
 
-    /// Sends the request and waits for the response head. The body streams afterwards.
+    /// Sends the request and waits for the response head, which comes without its
+    /// hop-by-hop fields ([`headers::strip_hop_by_hop`]). The body streams afterwards.
     /// `head` must carry a `Host` header and a target in origin form; `added` are the
     /// gateway's own headers, written after the head's (which must hold none of their
     /// names).

@@ -65,6 +65,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     strip(headers, None);
 }
 
+/// Whether `name` is one of [`HOP_BY_HOP`] (not those a `Connection` names).
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(removal(name, None), Some(Removal::Fixed(_)))
+}
+
 /// Removes from a request on its way to the backend, in one walk over the names:
 /// the hop-by-hop headers as [`strip_hop_by_hop`]; method-override headers; every header
 /// that starts with the identity prefix (names in a `HeaderMap` are already lower-case,
@@ -490,6 +495,23 @@ mod tests {
         }
         for name in [header::HOST, X_FORWARDED_FOR, X_REQUEST_ID] {
             assert_eq!(removal(&name, Some(&request)), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_names_are_exactly_the_fixed_set() {
+        for name in &HOP_BY_HOP {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
+        for name in [
+            header::AUTHORIZATION,
+            header::CONTENT_LENGTH,
+            header::HOST,
+            HeaderName::from_static("x-http-method-override"),
+            HeaderName::from_static("connection-x"),
+            HeaderName::from_static("x-connection"),
+        ] {
+            assert!(!is_hop_by_hop(&name), "{name}");
         }
     }
 

@@ -747,7 +747,7 @@ async fn handle(
     let (resp, outcome) = match result {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
-            headers::strip_hop_by_hop(&mut parts.headers);
+            // Hop-by-hop fields are gone already (`Forwarder::send`).
             parts.headers.insert(X_REQUEST_ID, request_id.clone());
             (Response::from_parts(parts, GateBody::Upstream(body)), 0)
         }
