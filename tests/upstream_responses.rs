@@ -402,11 +402,7 @@ async fn connection_close_from_the_backend_is_not_reused() {
         "the backend's Connection: close closed the client's connection"
     );
 
-    common::wait_until(EXCHANGE, || async { backend.closed_by_gateway() >= 1 })
-        .await
-        .expect("the gateway closes the upstream connection");
-    gw.assert_next_ok().await;
-    assert_eq!(backend.connection_of_each(), [0, 1]);
+    assert_closed_and_not_reused(&gw, &backend).await;
     gw.shutdown().await;
 }
 
@@ -424,11 +420,7 @@ async fn http10_response_without_keep_alive_is_not_reused() {
     let resp = gw.post().await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(resp.body, "first");
-    common::wait_until(EXCHANGE, || async { backend.closed_by_gateway() >= 1 })
-        .await
-        .expect("the gateway closes the upstream connection");
-    gw.assert_next_ok().await;
-    assert_eq!(backend.connection_of_each(), [0, 1]);
+    assert_closed_and_not_reused(&gw, &backend).await;
     gw.shutdown().await;
 }
 
@@ -751,6 +743,16 @@ impl GatewayUnderTest {
     async fn shutdown(self) {
         self.gateway.shutdown().await;
     }
+}
+
+/// The gateway closes the upstream connection of the first answer, although the
+/// backend would keep it, and the next request goes on a new one.
+async fn assert_closed_and_not_reused(gw: &GatewayUnderTest, backend: &ScriptedBackend) {
+    common::wait_until(EXCHANGE, || async { backend.closed_by_gateway() >= 1 })
+        .await
+        .expect("the gateway closes the upstream connection");
+    gw.assert_next_ok().await;
+    assert_eq!(backend.connection_of_each(), [0, 1]);
 }
 
 async fn try_post(gw: &GatewayUnderTest) -> Result<Resp, String> {
