@@ -1165,3 +1165,263 @@ fn classify(e: &(dyn StdError + 'static)) -> Refusal {
         Refusal::UpstreamUnavailable
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Feeds `stream` to a body of `framing` `step` bytes at a time, as reads would
+    /// deliver it: the body's bytes, and what is left after it (the next response).
+    fn decode(mut framing: Framing, stream: &[u8], step: usize) -> io::Result<(Vec<u8>, Vec<u8>)> {
+        let mut buf = BytesMut::new();
+        let mut body = Vec::new();
+        let mut fed = 0;
+        loop {
+            match framing.take(&mut buf)? {
+                Step::Data(data) => body.extend_from_slice(&data),
+                Step::Done => return Ok((body, [&buf[..], &stream[fed..]].concat())),
+                Step::NeedMore if fed < stream.len() => {
+                    let end = (fed + step).min(stream.len());
+                    buf.extend_from_slice(&stream[fed..end]);
+                    fed = end;
+                }
+                Step::NeedMore => {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "stream ended"));
+                }
+            }
+        }
+    }
+
+    fn chunked(chunks: &[Vec<u8>], extensions: bool, trailers: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in chunks.iter().filter(|c| !c.is_empty()) {
+            out.extend_from_slice(format!("{:X}", c.len()).as_bytes());
+            if extensions {
+                out.extend_from_slice(b" ;name=\"v;1\"");
+            }
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(c);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"0\r\n");
+        if trailers {
+            out.extend_from_slice(b"x-trailer: 1\r\nx-other: 2\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
+    const NEXT: &[u8] = b"HTTP/1.1 200 OK\r\n\r\n";
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Whatever the chunks (their data may hold CRLFs and chunk-like lines) and
+        /// however the reads cut them, the body is exactly their data, and the bytes
+        /// after the last chunk are left for the next response.
+        #[test]
+        fn chunked_bodies_decode_whatever_the_reads(
+            chunks in proptest::collection::vec(
+                proptest::collection::vec(
+                    prop_oneof![Just(b'\r'), Just(b'\n'), Just(b'0'), any::<u8>()], 0..300),
+                0..6),
+            extensions in any::<bool>(),
+            trailers in any::<bool>(),
+            step in 1usize..400,
+        ) {
+            let mut stream = chunked(&chunks, extensions, trailers);
+            stream.extend_from_slice(NEXT);
+            let (body, rest) = decode(Framing::Chunked(Chunk::Size), &stream, step)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(body, chunks.concat());
+            prop_assert_eq!(rest, NEXT.to_vec());
+        }
+
+        /// A length body is exactly that many bytes, the rest left over.
+        #[test]
+        fn length_bodies_take_exactly_their_length(
+            data in proptest::collection::vec(any::<u8>(), 0..2000),
+            step in 1usize..400,
+        ) {
+            let mut stream = data.clone();
+            stream.extend_from_slice(NEXT);
+            let (body, rest) = decode(Framing::Length(data.len() as u64), &stream, step)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(body, data);
+            prop_assert_eq!(rest, NEXT.to_vec());
+        }
+
+        /// Any bytes as a chunked body: an error or a body, never a panic.
+        #[test]
+        fn any_bytes_as_a_chunked_body_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..1000),
+            step in 1usize..100,
+        ) {
+            let _ = decode(Framing::Chunked(Chunk::Size), &bytes, step);
+        }
+
+        /// Any bytes as a response head: a head, a wait for more, or a refusal.
+        #[test]
+        fn any_bytes_as_a_response_head_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..1000),
+        ) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            let _ = take_response_head(&mut buf, &mut Vec::new());
+        }
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_errors() {
+        for bad in [
+            &b"x\r\nabc\r\n0\r\n\r\n"[..],
+            b"3\r\nabcX\r\n0\r\n\r\n",
+            b"3\nabc\r\n0\r\n\r\n",
+            b"3\rabc\r\n0\r\n\r\n",
+            b"11111111111111111\r\n",
+            b"3 x\r\nabc\r\n0\r\n\r\n",
+            b"-3\r\nabc\r\n0\r\n\r\n",
+        ] {
+            assert!(
+                decode(Framing::Chunked(Chunk::Size), bad, 1).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let long_line = [
+            b"1;".as_slice(),
+            &[b'a'; MAX_CHUNK_LINE],
+            b"\r\nx\r\n0\r\n\r\n",
+        ]
+        .concat();
+        assert!(decode(Framing::Chunked(Chunk::Size), &long_line, 64).is_err());
+        let long_trailers = [
+            b"0\r\n".as_slice(),
+            &b"x-t: 1\r\n".repeat(MAX_TRAILER_BYTES / 8 + 1),
+            b"\r\n",
+        ]
+        .concat();
+        assert!(decode(Framing::Chunked(Chunk::Size), &long_trailers, 64).is_err());
+    }
+
+    fn head(text: &str, request_was_head: bool) -> Result<(Framing, bool, HeaderMap), Refusal> {
+        let mut buf = BytesMut::from(text.as_bytes());
+        let mut head = take_response_head(&mut buf, &mut Vec::new())?.ok_or(Refusal::Internal)?;
+        let (framing, reusable) = response_framing(&mut head, request_was_head)?;
+        Ok((framing, reusable, head.headers))
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let ok = |t: &str| head(t, false).map(|(f, r, _)| (f, r));
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
+            Ok((Framing::Length(5), true))
+        );
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n"),
+            Ok((Framing::Length(5), true))
+        );
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"),
+            Ok((Framing::Chunked(Chunk::Size), true))
+        );
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"),
+            Ok((Framing::Eof, false))
+        );
+        assert_eq!(ok("HTTP/1.1 200 OK\r\n\r\n"), Ok((Framing::Eof, false)));
+        assert_eq!(
+            ok("HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n"),
+            Ok((Framing::Done, true))
+        );
+        assert_eq!(
+            ok("HTTP/1.1 304 Not Modified\r\n\r\n"),
+            Ok((Framing::Done, true))
+        );
+        assert_eq!(
+            head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true).map(|(f, r, _)| (f, r)),
+            Ok((Framing::Done, true))
+        );
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nConnection: close\r\ncontent-length: 1\r\n\r\n"),
+            Ok((Framing::Length(1), false))
+        );
+        assert_eq!(
+            ok("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n"),
+            Ok((Framing::Length(1), false))
+        );
+        assert_eq!(
+            ok("HTTP/1.0 200 OK\r\nconnection: Keep-Alive\r\ncontent-length: 1\r\n\r\n"),
+            Ok((Framing::Length(1), true))
+        );
+        assert_eq!(
+            ok("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"),
+            Ok((Framing::Length(2), true))
+        );
+        for bad in [
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            "HELLO\r\n\r\n",
+        ] {
+            assert_eq!(ok(bad), Err(Refusal::UpstreamUnavailable), "{bad:?}");
+        }
+        // Both framings: chunked wins, the length goes, the connection is not reused.
+        let (framing, reusable, headers) = head(
+            "HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n",
+            false,
+        )
+        .expect("head");
+        assert_eq!((framing, reusable), (Framing::Chunked(Chunk::Size), false));
+        assert!(!headers.contains_key(CONTENT_LENGTH));
+    }
+
+    #[test]
+    fn hop_by_hop_response_fields_never_reach_the_map() {
+        let (_, _, h) = head(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+             Transfer-Encoding: chunked\r\nProxy-Authenticate: x\r\nx-kept: 1\r\n\r\n",
+            false,
+        )
+        .expect("head");
+        assert_eq!(
+            h.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
+            ["x-kept"]
+        );
+        let (_, reusable, h) = head(
+            "HTTP/1.1 200 OK\r\nx-secret: 1\r\nConnection: close, X-Secret\r\n\
+             content-length: 0\r\nx-kept: 1\r\n\r\n",
+            false,
+        )
+        .expect("head");
+        assert!(!reusable);
+        let mut names = h.keys().map(HeaderName::as_str).collect::<Vec<_>>();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "x-kept"]);
+    }
+
+    #[test]
+    fn response_heads_over_the_limit_are_refused() {
+        let big = format!(
+            "HTTP/1.1 200 OK\r\nx-big: {}\r\n\r\n",
+            "a".repeat(MAX_RESPONSE_HEAD_BYTES)
+        );
+        assert_eq!(
+            head(&big, false).map(|_| ()),
+            Err(Refusal::UpstreamUnavailable)
+        );
+        let mut partial = BytesMut::from(&big.as_bytes()[..MAX_RESPONSE_HEAD_BYTES + 1]);
+        assert!(take_response_head(&mut partial, &mut Vec::new()).is_err());
+        let mut fields = String::from("HTTP/1.1 200 OK\r\n");
+        for i in 0..=MAX_RESPONSE_HEADERS {
+            fields.push_str(&format!("x-{i}: 1\r\n"));
+        }
+        fields.push_str("\r\n");
+        assert_eq!(
+            head(&fields, false).map(|_| ()),
+            Err(Refusal::UpstreamUnavailable)
+        );
+    }
+}
