@@ -704,15 +704,17 @@ async fn handle(
             // forwarder; what the client sent under their names goes first. For a
             // trusted proxy, `X-Forwarded-*` are appended to in the map.
             h.remove(X_REQUEST_ID);
-            let host = if peer_trusted {
+            if peer_trusted {
                 headers::set_forwarded(h, &peer_header, true, proto);
-                None
             } else {
                 h.remove(headers::X_FORWARDED_FOR);
                 h.remove(headers::X_FORWARDED_PROTO);
                 h.remove(headers::X_FORWARDED_HOST);
-                h.get(HOST).cloned()
-            };
+            }
+            head.uri = uri;
+            let head = head;
+            // Borrowed from the head that is sent, not cloned.
+            let host = head.headers.get(HOST).filter(|_| !peer_trusted);
             let proto = if proto == "https" { &HTTPS } else { &HTTP };
             let key_id = principal.key_id_header();
             let identity = &policy.identity;
@@ -727,14 +729,13 @@ async fn handle(
                 (&headers::X_FORWARDED_FOR, &peer_header),
                 (&headers::X_FORWARDED_PROTO, proto),
                 // Left out below when there is no host (never: it was set above).
-                (&headers::X_FORWARDED_HOST, host.as_ref().unwrap_or(proto)),
+                (&headers::X_FORWARDED_HOST, host.unwrap_or(proto)),
             ];
-            let forwarded = match (peer_trusted, &host) {
+            let forwarded = match (peer_trusted, host) {
                 (true, _) => &forwarded[..0],
                 (false, Some(_)) => &forwarded[..],
                 (false, None) => &forwarded[..2],
             };
-            head.uri = uri;
             let body = LimitedBody::new(body, max_body, policy.config.server.body_read_timeout);
             let sent = Instant::now();
             let r = worker.forwarder.send(&head, body, [&own, forwarded]).await;
