@@ -232,6 +232,15 @@ impl Conn {
         }
     }
 
+    /// Before the connection idles: a buffer grown for a large body goes back to the
+    /// first size, so that idle connections do not hold up to [`MAX_READ`] each.
+    fn shrink(&mut self) {
+        if self.read_size > READ_RESERVE {
+            self.read_size = READ_RESERVE;
+            self.buf = BytesMut::with_capacity(READ_RESERVE);
+        }
+    }
+
     /// Writes `data` while watching for an early answer: if the backend starts its
     /// final response while the socket is not writable, stops and returns `false`.
     async fn write_watching(&mut self, mut data: &[u8]) -> io::Result<bool> {
@@ -283,7 +292,8 @@ fn final_response_begun(buf: &mut BytesMut) -> bool {
                 Some(code) if (100..200).contains(&code) && code != 101 => buf.advance(n),
                 _ => return true,
             },
-            Ok(httparse::Status::Partial) => return false,
+            // Too long to be a head: reading the response refuses it.
+            Ok(httparse::Status::Partial) => return buf.len() > MAX_RESPONSE_HEAD_BYTES,
             Err(_) => return true,
         }
     }
@@ -1043,6 +1053,7 @@ impl Pool {
         if self.max_idle == 0 {
             return;
         }
+        conn.shrink();
         let mut set = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if set.conns.len() >= self.max_idle {
             return;
@@ -1400,6 +1411,24 @@ mod tests {
         let mut names = h.keys().map(HeaderName::as_str).collect::<Vec<_>>();
         names.sort_unstable();
         assert_eq!(names, ["content-length", "x-kept"]);
+    }
+
+    #[test]
+    fn an_early_answer_is_told_from_interim_ones() {
+        let begun = |bytes: &[u8]| final_response_begun(&mut BytesMut::from(bytes));
+        assert!(!begun(b"HTTP/1.1 100 Continue\r\n\r\n"));
+        assert!(!begun(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 413 Too"));
+        assert!(begun(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 413 Too Large\r\n\r\n"
+        ));
+        assert!(begun(b"HTTP/1.1 101 Switching Protocols\r\n\r\n"));
+        assert!(begun(b"HELLO\r\n\r\n"));
+        // A head that never ends stops the upload rather than growing the buffer.
+        let endless = format!(
+            "HTTP/1.1 200 OK\r\nx: {}",
+            "a".repeat(MAX_RESPONSE_HEAD_BYTES)
+        );
+        assert!(begun(endless.as_bytes()));
     }
 
     #[test]
