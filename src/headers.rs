@@ -281,53 +281,46 @@ fn dashed_starts_with(name: &[u8], prefix: &[u8]) -> bool {
             .all(|(&n, &p)| n == p || (n == b'_' && p == b'-'))
 }
 
-/// Sets `X-Forwarded-For/-Proto/-Host`: replaced for an untrusted peer, appended to for
-/// a trusted proxy.
+/// For a trusted proxy: appends the peer to `X-Forwarded-For` and sets
+/// `X-Forwarded-Proto` and `-Host` when the proxy did not.
 /// `peer` is the connection's peer address as a header value ([`ip_header_value`]),
 /// computed once per connection.
-pub fn set_forwarded(
-    headers: &mut HeaderMap,
-    peer: &HeaderValue,
-    trusted: bool,
-    proto: &'static str,
-) {
+///
+/// For any other peer the client's values go ([`remove_forwarded`]) and the forwarder
+/// writes the gateway's own after the map (`server::handle`).
+pub fn append_forwarded(headers: &mut HeaderMap, peer: &HeaderValue, proto: &'static str) {
     let peer_value = peer.clone();
-    if trusted {
-        let combined = {
-            let existing: Vec<&[u8]> = headers
-                .get_all(&X_FORWARDED_FOR)
-                .iter()
-                .map(HeaderValue::as_bytes)
-                .collect();
-            if existing.is_empty() {
-                None
-            } else {
-                let mut v = existing.join(&b", "[..]);
-                v.extend_from_slice(b", ");
-                v.extend_from_slice(peer_value.as_bytes());
-                HeaderValue::from_bytes(&v).ok()
-            }
-        };
-        headers.insert(X_FORWARDED_FOR, combined.unwrap_or(peer_value));
-        if !headers.contains_key(&X_FORWARDED_PROTO) {
-            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    let combined = {
+        let existing: Vec<&[u8]> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        if existing.is_empty() {
+            None
+        } else {
+            let mut v = existing.join(&b", "[..]);
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(peer_value.as_bytes());
+            HeaderValue::from_bytes(&v).ok()
         }
-        if !headers.contains_key(&X_FORWARDED_HOST)
-            && let Some(host) = headers.get(header::HOST).cloned()
-        {
-            headers.insert(X_FORWARDED_HOST, host);
-        }
-    } else {
-        headers.insert(X_FORWARDED_FOR, peer_value);
+    };
+    headers.insert(X_FORWARDED_FOR, combined.unwrap_or(peer_value));
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-        match headers.get(header::HOST).cloned() {
-            Some(host) => {
-                headers.insert(X_FORWARDED_HOST, host);
-            }
-            None => {
-                headers.remove(&X_FORWARDED_HOST);
-            }
-        }
+    }
+    if !headers.contains_key(&X_FORWARDED_HOST)
+        && let Some(host) = headers.get(header::HOST).cloned()
+    {
+        headers.insert(X_FORWARDED_HOST, host);
+    }
+}
+
+/// Removes the client's `X-Forwarded-For/-Proto/-Host`, which the gateway replaces for
+/// a peer that is not a trusted proxy.
+pub fn remove_forwarded(headers: &mut HeaderMap) {
+    for name in &FORWARDED {
+        headers.remove(name);
     }
 }
 
@@ -705,20 +698,32 @@ mod tests {
         }
     }
 
+    /// The replacement values for an untrusted peer are asserted end to end
+    /// (`hostile_headers::forwarded_headers_from_an_untrusted_peer_are_replaced`).
     #[test]
-    fn forwarded_replaced_for_untrusted_appended_for_trusted() {
+    fn forwarded_removed_for_untrusted_appended_for_trusted() {
         let peer: IpAddr = "10.0.0.9".parse().expect("ip");
-        let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("host", "api.example")]);
-        set_forwarded(&mut h, &ip_header_value(peer), false, "http");
-        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.9");
-        assert_eq!(h[&X_FORWARDED_HOST], "api.example");
+        let mut h = map(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil"),
+            ("host", "api.example"),
+        ]);
+        remove_forwarded(&mut h);
+        assert_eq!(
+            h.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
+            ["host"]
+        );
 
         let mut h = map(&[
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-for", "5.6.7.8"),
+            ("host", "api.example"),
         ]);
-        set_forwarded(&mut h, &ip_header_value(peer), true, "http");
+        append_forwarded(&mut h, &ip_header_value(peer), "http");
         assert_eq!(h[&X_FORWARDED_FOR], "1.2.3.4, 5.6.7.8, 10.0.0.9");
+        assert_eq!(h[&X_FORWARDED_PROTO], "http");
+        assert_eq!(h[&X_FORWARDED_HOST], "api.example");
     }
 
     #[test]

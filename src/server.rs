@@ -705,11 +705,9 @@ async fn handle(
             // trusted proxy, `X-Forwarded-*` are appended to in the map.
             h.remove(X_REQUEST_ID);
             if peer_trusted {
-                headers::set_forwarded(h, &peer_header, true, proto);
+                headers::append_forwarded(h, &peer_header, proto);
             } else {
-                h.remove(headers::X_FORWARDED_FOR);
-                h.remove(headers::X_FORWARDED_PROTO);
-                h.remove(headers::X_FORWARDED_HOST);
+                headers::remove_forwarded(h);
             }
             head.uri = uri;
             let head = head;
