@@ -3,7 +3,6 @@
 //! the request and response bodies that stream through the gateway, and the mapping of
 //! backend failures to refusals.
 
-use std::error::Error as StdError;
 use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
@@ -243,13 +242,13 @@ impl Conn {
 
     /// Writes `data` while watching for an early answer: if the backend starts its
     /// final response while the socket is not writable, stops and returns `false`.
-    async fn write_watching(&mut self, mut data: &[u8]) -> io::Result<bool> {
+    async fn write_watching(&mut self, mut data: &[u8]) -> Result<bool, Refusal> {
         loop {
             while !data.is_empty() {
                 match self.io.try_write(data) {
                     Ok(n) => data = &data[n..],
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(classify(&e)),
                 }
             }
             if data.is_empty() {
@@ -257,9 +256,10 @@ impl Conn {
             }
             let readable = tokio::select! {
                 biased;
-                r = self.io.readable() => { r?; true }
-                r = self.io.writable() => { r?; false }
-            };
+                r = self.io.readable() => r.map(|()| true),
+                r = self.io.writable() => r.map(|()| false),
+            }
+            .map_err(|e| classify(&e))?;
             if readable && self.answered() {
                 return Ok(false);
             }
@@ -391,12 +391,7 @@ async fn send_body(
                 continue;
             }
             Ok(None) => {
-                if chunked
-                    && !conn
-                        .write_watching(b"0\r\n\r\n")
-                        .await
-                        .map_err(|e| classify(&e))?
-                {
+                if chunked && !conn.write_watching(b"0\r\n\r\n").await? {
                     return Ok(Sent::Answered);
                 }
                 return Ok(Sent::All);
@@ -410,16 +405,11 @@ async fn send_body(
         };
         let written = if chunked {
             let size = format!("{:x}\r\n", data.len());
-            conn.write_watching(size.as_bytes())
-                .await
-                .map_err(|e| classify(&e))?
-                && conn.write_watching(&data).await.map_err(|e| classify(&e))?
-                && conn
-                    .write_watching(b"\r\n")
-                    .await
-                    .map_err(|e| classify(&e))?
+            conn.write_watching(size.as_bytes()).await?
+                && conn.write_watching(&data).await?
+                && conn.write_watching(b"\r\n").await?
         } else {
-            conn.write_watching(&data).await.map_err(|e| classify(&e))?
+            conn.write_watching(&data).await?
         };
         if !written {
             return Ok(Sent::Answered);
@@ -1151,26 +1141,11 @@ async fn watch_idle(pool: std::sync::Weak<Pool>, idle_timeout: Duration) {
     .await
 }
 
-/// Maps an upstream failure to where it came from: the client's request body, a
-/// timeout, or the backend.
-fn classify(e: &(dyn StdError + 'static)) -> Refusal {
-    let mut source: Option<&(dyn StdError + 'static)> = Some(e);
-    let mut timed_out = false;
-    while let Some(s) = source {
-        match s.downcast_ref::<RequestBodyError>() {
-            Some(RequestBodyError::TooLarge) => return Refusal::PayloadTooLarge,
-            Some(RequestBodyError::Client(_)) => return Refusal::BadRequest,
-            Some(RequestBodyError::Timeout) => return Refusal::RequestTimeout,
-            None => {}
-        }
-        if let Some(io) = s.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::TimedOut
-        {
-            timed_out = true;
-        }
-        source = s.source();
-    }
-    if timed_out {
+/// Maps a failure of the connection to the backend to its refusal: a timeout (of the
+/// connect, say) or the backend being unavailable. Failures of the client's request
+/// body are mapped where they happen ([`body_refusal`]).
+fn classify(e: &io::Error) -> Refusal {
+    if e.kind() == io::ErrorKind::TimedOut {
         Refusal::UpstreamTimeout
     } else {
         Refusal::UpstreamUnavailable
@@ -1325,50 +1300,62 @@ mod tests {
     #[test]
     fn response_framing_follows_rfc_9112() {
         let ok = |t: &str| head(t, false).map(|(f, r, _)| (f, r));
-        assert_eq!(
-            ok("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
-            Ok((Framing::Length(5), true))
-        );
-        assert_eq!(
-            ok("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n"),
-            Ok((Framing::Length(5), true))
-        );
-        assert_eq!(
-            ok("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"),
-            Ok((Framing::Chunked(Chunk::Size), true))
-        );
-        assert_eq!(
-            ok("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"),
-            Ok((Framing::Eof, false))
-        );
-        assert_eq!(ok("HTTP/1.1 200 OK\r\n\r\n"), Ok((Framing::Eof, false)));
-        assert_eq!(
-            ok("HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n"),
-            Ok((Framing::Done, true))
-        );
-        assert_eq!(
-            ok("HTTP/1.1 304 Not Modified\r\n\r\n"),
-            Ok((Framing::Done, true))
-        );
+        let chunked = Framing::Chunked(Chunk::Size);
+        for (text, framing, reusable) in [
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+                Framing::Length(5),
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n",
+                Framing::Length(5),
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                chunked,
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+                Framing::Eof,
+                false,
+            ),
+            ("HTTP/1.1 200 OK\r\n\r\n", Framing::Eof, false),
+            (
+                "HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n",
+                Framing::Done,
+                true,
+            ),
+            ("HTTP/1.1 304 Not Modified\r\n\r\n", Framing::Done, true),
+            (
+                "HTTP/1.1 200 OK\r\nConnection: close\r\ncontent-length: 1\r\n\r\n",
+                Framing::Length(1),
+                false,
+            ),
+            (
+                "HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n",
+                Framing::Length(1),
+                false,
+            ),
+            (
+                "HTTP/1.0 200 OK\r\nconnection: Keep-Alive\r\ncontent-length: 1\r\n\r\n",
+                Framing::Length(1),
+                true,
+            ),
+            (
+                "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n",
+                Framing::Length(2),
+                true,
+            ),
+        ] {
+            assert_eq!(ok(text), Ok((framing, reusable)), "{text:?}");
+        }
+        // The answer to a HEAD request has no body, whatever its length says.
         assert_eq!(
             head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true).map(|(f, r, _)| (f, r)),
             Ok((Framing::Done, true))
-        );
-        assert_eq!(
-            ok("HTTP/1.1 200 OK\r\nConnection: close\r\ncontent-length: 1\r\n\r\n"),
-            Ok((Framing::Length(1), false))
-        );
-        assert_eq!(
-            ok("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n"),
-            Ok((Framing::Length(1), false))
-        );
-        assert_eq!(
-            ok("HTTP/1.0 200 OK\r\nconnection: Keep-Alive\r\ncontent-length: 1\r\n\r\n"),
-            Ok((Framing::Length(1), true))
-        );
-        assert_eq!(
-            ok("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"),
-            Ok((Framing::Length(2), true))
         );
         for bad in [
             "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
