@@ -428,16 +428,8 @@ function report(requests, duration_us, latency, errors)
     latency:percentile(99.9), errors.status, errors.connect + errors.read + errors.write + errors.timeout))
 end
 EOF
-# Warm keys: requests prebuilt at init, rotated per request; every thread starts elsewhere.
-cat "$WORK/report.lua" - >"$WORK/rotate.lua" <<'EOF'
-local reqs, n, i = {}, 0, 0
-function init(args)
-  for line in io.lines(args[1]) do
-    n = n + 1
-    reqs[n] = wrk.format("GET", args[2], { Host = "bench", Authorization = "Bearer " .. line })
-  end
-  i = math.random(n)
-end
+# The end of both scripts below: the next of the requests prebuilt in `reqs`.
+cat >"$WORK/cycle.lua" <<'EOF'
 function request()
   i = i % n + 1
   return reqs[i]
@@ -446,10 +438,21 @@ function done(s, latency)
   report(s.requests, s.duration, latency, s.errors)
 end
 EOF
+# Warm keys: requests prebuilt at init, rotated per request; every thread starts elsewhere.
+cat "$WORK/report.lua" - "$WORK/cycle.lua" >"$WORK/rotate.lua" <<'EOF'
+local reqs, n, i = {}, 0, 0
+function init(args)
+  for line in io.lines(args[1]) do
+    n = n + 1
+    reqs[n] = wrk.format("GET", args[2], { Host = "bench", Authorization = "Bearer " .. line })
+  end
+  i = math.random(n)
+end
+EOF
 # Every request a miss: each thread rotates through its own share of the tokens (every
 # THREADS-th), so no two threads ask for one key at about the same time (wrk's threads
 # would otherwise draw the same "random" start).
-cat "$WORK/report.lua" - >"$WORK/miss.lua" <<'EOF'
+cat "$WORK/report.lua" - "$WORK/cycle.lua" >"$WORK/miss.lua" <<'EOF'
 local next_id = 0
 function setup(thread)
   thread:set("tid", next_id)
@@ -465,13 +468,6 @@ function init(args)
     end
     k = k + 1
   end
-end
-function request()
-  i = i % n + 1
-  return reqs[i]
-end
-function done(s, latency)
-  report(s.requests, s.duration, latency, s.errors)
 end
 EOF
 # Cold keys: each thread takes every THREADS-th token, uses each once, and stops when the
