@@ -61,12 +61,7 @@ impl Gateway {
     pub async fn start(config: Config) -> Result<Gateway, BoxError> {
         let metrics = Arc::new(Metrics::default());
         let store = Store::from_config(&config.store).await?;
-        let auth = Authenticator::new(
-            store.clone(),
-            &config.auth,
-            config.store.timeout,
-            metrics.clone(),
-        );
+        let auth = Authenticator::new(store.clone(), &config.auth, metrics.clone());
         let workers = match config.server.workers {
             0 => std::thread::available_parallelism().map_or(1, usize::from),
             n => n,
@@ -490,7 +485,7 @@ async fn watch_store(
 /// shorter) and flushes the cache then.
 async fn watch_file(
     gate: &Gate,
-    file: &FileStore,
+    file: &Arc<FileStore>,
     check_interval: Duration,
     shutdown: &mut watch::Receiver<bool>,
 ) {
@@ -502,12 +497,20 @@ async fn watch_file(
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        match file.reload_if_changed() {
-            Ok(true) => gate.auth.flush_all("store file changed"),
-            Ok(false) => {}
-            Err(e) => {
+        // On the blocking pool: besides reading the file, a reload waits for a write in
+        // progress (the key-use writer's, whose fsyncs can take hundreds of ms on a busy
+        // disk), and on a runtime thread that wait held up the thread's other tasks.
+        let reload = {
+            let file = file.clone();
+            tokio::task::spawn_blocking(move || file.reload_if_changed()).await
+        };
+        match reload {
+            Ok(Ok(true)) => gate.auth.flush_all("store file changed"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "store file reload failed; keeping the last good copy")
             }
+            Err(e) => tracing::warn!(error = %e, "store file reload did not finish"),
         }
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use campaign_gate::server::Gateway;
 use campaign_gate::store::records::generate_secret_key;
-use campaign_gate::store::{KeyUse, Revocation, Store, TokenHash};
+use campaign_gate::store::{KeyUse, Revocation, SecretKey, Store, TokenHash};
 use common::refusal::{API_NOT_GRANTED, INVALID_TOKEN, Refusal};
 use common::{EVENTS, RecordingBackend, Req, assert_refusal, unix_ms, until_unix_ms, wait_until};
 use futures_util::future::join_all;
@@ -1313,6 +1313,56 @@ async fn key_uses_of_many_users_are_all_written_even_after_a_script_flush() {
             .iter()
             .all(|t| *t == Some(2_000)),
         "written after the scripts were flushed"
+    );
+}
+
+/// Uses of one user's two keys, given apart in a batch among other users' uses, are both
+/// written (the batch is grouped by user, one script call each); and a lookup still
+/// answers after `SCRIPT FLUSH`: it loads the scripts again, as a new connection does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uses_group_by_user_and_lookups_survive_a_script_flush() {
+    let redis = RedisServer::start();
+    let store = admin(&redis).await;
+    let a1 = TokenHash::of(api_user(&store, "a", &["events"]).await.as_bytes());
+    let b1 = TokenHash::of(api_user(&store, "b", &["events"]).await.as_bytes());
+    let a2 = TokenHash::of(new_key(&store, "a").await.as_bytes());
+    let used = |user_id: &str, key_hash: TokenHash, at_ms: u64| KeyUse {
+        user_id: user_id.into(),
+        key_hash,
+        at_ms,
+    };
+    store
+        .record_uses(&[
+            used("a", a1, 1_000),
+            used("b", b1, 2_000),
+            used("a", a2, 3_000),
+        ])
+        .await
+        .expect("record uses");
+    let last_used = |listed: Vec<SecretKey>| -> Vec<Option<u64>> {
+        listed.iter().map(|k| k.last_used_ms).collect()
+    };
+    assert_eq!(
+        last_used(store.keys("a").await.expect("keys of a")),
+        [Some(1_000), Some(3_000)]
+    );
+    assert_eq!(
+        last_used(store.keys("b").await.expect("keys of b")),
+        [Some(2_000)]
+    );
+
+    let mut conn = redis.conn().await;
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .expect("SCRIPT FLUSH");
+    let found = store.lookup(&a2).await.expect("lookup after SCRIPT FLUSH");
+    let found = found.expect("a's second key is found");
+    assert_eq!((found.user.id.as_str(), found.key_hash), ("a", a2));
+    assert_eq!(
+        store.lookup(&TokenHash::of(b"nobody")).await.ok(),
+        Some(None)
     );
 }
 

@@ -48,7 +48,7 @@ use crate::auth::table::{self, Join, Table};
 use crate::auth::throttle::Throttle;
 use crate::config::AuthConfig;
 use crate::routes::{ApiSet, RouteTable};
-use crate::store::{Invalidation, KeyUse, Resolved, Store, StoreError, TokenHash, UserType};
+use crate::store::{Invalidation, KeyUse, Resolved, Store, TokenHash, UserType};
 use crate::telemetry::Metrics;
 
 /// Number of generation stripes (a power of two).
@@ -384,7 +384,6 @@ pub struct Authenticator {
     /// The shard the next [`Authenticator::sweep`] looks at.
     sweep_next: AtomicUsize,
     store: Store,
-    store_timeout: Duration,
     /// `[auth] cache_ttl` in ms.
     ttl_ms: u64,
     /// `[auth] negative_cache_ttl` in ms.
@@ -427,12 +426,7 @@ fn claim_use(noted: &AtomicU64, now: u64) -> bool {
 }
 
 impl Authenticator {
-    pub fn new(
-        store: Store,
-        cfg: &AuthConfig,
-        store_timeout: Duration,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(store: Store, cfg: &AuthConfig, metrics: Arc<Metrics>) -> Self {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let (ttl_ms, stale_ms) = (ms(cfg.cache_ttl), ms(cfg.stale_if_error));
         // A second's worth of first uses at the busiest (every request a new key), so
@@ -444,7 +438,6 @@ impl Authenticator {
             table: Table::new(cfg.cache_capacity),
             sweep_next: AtomicUsize::new(0),
             store,
-            store_timeout,
             ttl_ms,
             negative_ttl_ms: ms(cfg.negative_cache_ttl),
             stale_ms,
@@ -717,11 +710,11 @@ impl Authenticator {
         // Boxed: the store's lookup future is ~3.8 KB (the Redis client's), and inline
         // it would make every request's future that large, copied on each request even
         // when it is a cache hit; a miss pays one allocation instead.
-        let lookup = Box::pin(self.store.lookup(hash));
-        let result = match tokio::time::timeout(self.store_timeout, lookup).await {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Unavailable("lookup timed out".into())),
-        };
+        // The store bounds the lookup itself by `[store] timeout` (a Redis call that
+        // times out also drops its connection; the file store does not wait): a second
+        // timer here cost every miss a timer registration, which wakes the worker's
+        // driver.
+        let result = Box::pin(self.store.lookup(hash)).await;
         self.metrics.store_lookup_seconds.observe(started.elapsed());
         match result {
             Ok(Some(resolved)) => {
@@ -879,12 +872,7 @@ mod tests {
         let token = TokenHash::of(token.as_bytes());
         store.add_key("u1", token, &key_id).await.expect("key");
         let cfg = Config::parse("", Vec::new()).expect("config");
-        let auth = Authenticator::new(
-            store,
-            &cfg.auth,
-            Duration::from_secs(1),
-            Arc::new(Metrics::default()),
-        );
+        let auth = Authenticator::new(store, &cfg.auth, Arc::new(Metrics::default()));
         let routes = cfg.route_table().expect("routes");
         Fixture {
             _dir: dir,

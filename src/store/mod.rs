@@ -37,12 +37,17 @@ impl TokenHash {
 
     /// Lower-case hex, as used in store keys.
     pub fn to_hex(&self) -> String {
-        let mut s = String::with_capacity(64);
-        for b in self.0 {
-            s.push(char::from(HEX[usize::from(b >> 4)]));
-            s.push(char::from(HEX[usize::from(b & 0xf)]));
+        String::from_utf8(self.hex().to_vec()).unwrap_or_default()
+    }
+
+    /// [`TokenHash::to_hex`]'s bytes, without allocating.
+    pub fn hex(&self) -> [u8; 64] {
+        let mut out = [0u8; 64];
+        for (pair, b) in out.chunks_exact_mut(2).zip(self.0) {
+            pair[0] = HEX[usize::from(b >> 4)];
+            pair[1] = HEX[usize::from(b & 0xf)];
         }
-        s
+        out
     }
 
     pub fn from_hex(s: &str) -> Option<TokenHash> {
@@ -244,6 +249,19 @@ pub enum Store {
     Redis(Arc<redis::RedisStore>),
 }
 
+/// Runs a file-store write on tokio's blocking pool. A write ends with two fsyncs, which
+/// can take hundreds of ms on a busy disk; on a runtime thread that would hold up that
+/// thread's other tasks (requests, in the multi-thread layout, and any task in its LIFO
+/// slot, which no other thread may steal). The gateway's own writes are key uses and
+/// access tokens; the CLI's may block its own runtime.
+async fn off_runtime<T: Send + 'static>(
+    write: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(write)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("file store write: {e}")))?
+}
+
 impl Store {
     /// Opens the store of a `[store]` section. Connecting to Redis waits for the first
     /// call.
@@ -368,7 +386,10 @@ impl Store {
         lifetime: Duration,
     ) -> Result<AccessToken, StoreError> {
         match self {
-            Store::File(s) => s.issue_access_token(id, parent, hash, lifetime),
+            Store::File(s) => {
+                let (s, id) = (s.clone(), id.to_string());
+                off_runtime(move || s.issue_access_token(&id, parent, hash, lifetime)).await
+            }
             Store::Redis(s) => s.issue_access_token(id, parent, hash, lifetime).await,
         }
     }
@@ -377,7 +398,10 @@ impl Store {
     /// keys are skipped). Changes nothing that a cache depends on, so announces nothing.
     pub async fn record_uses(&self, uses: &[KeyUse]) -> Result<(), StoreError> {
         match self {
-            Store::File(s) => s.record_uses(uses),
+            Store::File(s) => {
+                let (s, uses) = (s.clone(), uses.to_vec());
+                off_runtime(move || s.record_uses(&uses)).await
+            }
             Store::Redis(s) => s.record_uses(uses).await,
         }
     }

@@ -225,7 +225,7 @@ pub async fn metric(admin: SocketAddr, name: &str) -> u64 {
 /// The control cannot see one stall: the kernel keeping a *busy* gateway worker (or
 /// the recording backend's thread) off the CPU while other processes run, as a
 /// mostly idle control thread is scheduled first. So the prober also reads, for every
-/// thread of the gateway's workers and of the test's tokio runtime, how long it waited
+/// thread of the gateway's workers, of the test's tokio runtime and its own, how long it waited
 /// on a run queue during the request (`/proc/PID/task/TID/schedstat`, second field)
 /// and excuses the longest such wait. Time the gateway spends serving others while
 /// it holds the CPU is not excused: that is what the attacks must not cause.
@@ -246,9 +246,13 @@ pub struct Probe {
 }
 
 /// Threads whose waits for a CPU are not the gateway's doing: its per-core workers
-/// (`campaign-gate-worker-N`, cut to 15 bytes by the kernel) and the test runtime's
-/// workers, where the recording backend runs.
-const WATCHED_THREADS: [&str; 2] = ["campaign-gate-w", "tokio-runtime-w"];
+/// (`campaign-gate-worker-N`, cut to 15 bytes by the kernel), the test runtime's
+/// workers, where the recording backend runs, and the prober's own thread (once the
+/// control's answer is in, a wait of the prober delays only the gateway's answer).
+const WATCHED_THREADS: [&str; 3] = ["campaign-gate-w", "tokio-runtime-w", PROBER_THREAD];
+
+/// The name of the well-behaved client's thread.
+const PROBER_THREAD: &str = "prober";
 
 /// Run-queue wait so far, in ns, of every watched thread of the processes `pids`.
 fn run_delays(pids: &[u32]) -> HashMap<(u32, String), u64> {
@@ -319,35 +323,38 @@ impl Prober {
         let control = control_server();
         let (flag, count) = (stop.clone(), done.clone());
         let (warm, warmed) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("prober runtime");
-            rt.block_on(async move {
-                // Untimed: the first request also fills the gateway's key cache and
-                // upstream pool, which is not what the attack is measured against.
-                let _ = warm.send(probe(addr, from, request.as_bytes()).await);
-                let mut out = Vec::new();
-                while !flag.load(Ordering::Relaxed) {
-                    let before = run_delays(&pids);
-                    let (gateway, control) = tokio::join!(
-                        probe(addr, from, request.as_bytes()),
-                        probe(control, from, request.as_bytes())
-                    );
-                    let descheduled = longest_wait(&before, &run_delays(&pids));
-                    let control = control.unwrap_or_else(|e| panic!("control server: {e}"));
-                    out.push(Probe {
-                        gateway,
-                        control,
-                        descheduled,
-                    });
-                    count.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                out
+        let thread = std::thread::Builder::new()
+            .name(PROBER_THREAD.into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("prober runtime");
+                rt.block_on(async move {
+                    // Untimed: the first request also fills the gateway's key cache and
+                    // upstream pool, which is not what the attack is measured against.
+                    let _ = warm.send(probe(addr, from, request.as_bytes()).await);
+                    let mut out = Vec::new();
+                    while !flag.load(Ordering::Relaxed) {
+                        let before = run_delays(&pids);
+                        let (gateway, control) = tokio::join!(
+                            probe(addr, from, request.as_bytes()),
+                            probe(control, from, request.as_bytes())
+                        );
+                        let descheduled = longest_wait(&before, &run_delays(&pids));
+                        let control = control.unwrap_or_else(|e| panic!("control server: {e}"));
+                        out.push(Probe {
+                            gateway,
+                            control,
+                            descheduled,
+                        });
+                        count.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    out
+                })
             })
-        });
+            .expect("prober thread");
         match warmed.recv_timeout(Duration::from_secs(10)) {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => panic!("the well-behaved client's first request failed: {e}"),
