@@ -1255,6 +1255,16 @@ async fn access_tokens_are_shared_by_replicas_and_die_with_their_parent_key() {
     b.shutdown().await;
 }
 
+/// `SCRIPT FLUSH`: Redis forgets every loaded script, as after a restart.
+async fn script_flush(redis: &RedisServer) {
+    let mut conn = redis.conn().await;
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .expect("SCRIPT FLUSH");
+}
+
 /// Key uses of more users than one pipeline holds are all written, and still after
 /// `SCRIPT FLUSH` (a Redis that lost the scripts): the write loads its script again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1297,12 +1307,7 @@ async fn key_uses_of_many_users_are_all_written_even_after_a_script_flush() {
         "every one of the 300 users' uses is written"
     );
 
-    let mut conn = redis.conn().await;
-    let () = redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async(&mut conn)
-        .await
-        .expect("SCRIPT FLUSH");
+    script_flush(&redis).await;
     store
         .record_uses(&uses(2_000))
         .await
@@ -1351,12 +1356,7 @@ async fn uses_group_by_user_and_lookups_survive_a_script_flush() {
         [Some(2_000)]
     );
 
-    let mut conn = redis.conn().await;
-    let () = redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async(&mut conn)
-        .await
-        .expect("SCRIPT FLUSH");
+    script_flush(&redis).await;
     let found = store.lookup(&a2).await.expect("lookup after SCRIPT FLUSH");
     let found = found.expect("a's second key is found");
     assert_eq!((found.user.id.as_str(), found.key_hash), ("a", a2));
