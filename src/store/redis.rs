@@ -719,8 +719,11 @@ impl RedisStore {
 
     pub async fn lookup(&self, hash: &TokenHash) -> Result<Option<Resolved>, StoreError> {
         let hex = hash.hex();
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.scripts.lookup.get_hash())
+        let sha = self.scripts.lookup.get_hash();
+        // Sized up front: grown argument by argument, the buffers took three reallocations.
+        let mut cmd = redis::Cmd::with_capacity(5, 7 + sha.len() + 1 + self.prefix.len() + 64);
+        cmd.arg("EVALSHA")
+            .arg(sha)
             .arg(0)
             .arg(&self.prefix)
             .arg(&hex[..]);
