@@ -497,20 +497,14 @@ async fn watch_file(
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        // On the blocking pool: besides reading the file, a reload waits for a write in
-        // progress (the key-use writer's, whose fsyncs can take hundreds of ms on a busy
-        // disk), and on a runtime thread that wait held up the thread's other tasks.
-        let reload = {
-            let file = file.clone();
-            tokio::task::spawn_blocking(move || file.reload_if_changed()).await
-        };
-        match reload {
-            Ok(Ok(true)) => gate.auth.flush_all("store file changed"),
-            Ok(Ok(false)) => {}
-            Ok(Err(e)) => {
+        // A reload waits for a write in progress (the key-use writer's): off the runtime.
+        let file = file.clone();
+        match crate::store::off_runtime(move || file.reload_if_changed()).await {
+            Ok(true) => gate.auth.flush_all("store file changed"),
+            Ok(false) => {}
+            Err(e) => {
                 tracing::warn!(error = %e, "store file reload failed; keeping the last good copy")
             }
-            Err(e) => tracing::warn!(error = %e, "store file reload did not finish"),
         }
     }
 }

@@ -249,17 +249,18 @@ pub enum Store {
     Redis(Arc<redis::RedisStore>),
 }
 
-/// Runs a file-store write on tokio's blocking pool. A write ends with two fsyncs, which
-/// can take hundreds of ms on a busy disk; on a runtime thread that would hold up that
-/// thread's other tasks (requests, in the multi-thread layout, and any task in its LIFO
-/// slot, which no other thread may steal). The gateway's own writes are key uses and
-/// access tokens; the CLI's may block its own runtime.
-async fn off_runtime<T: Send + 'static>(
-    write: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+/// Runs file-store I/O on tokio's blocking pool. A write ends with two fsyncs, which can
+/// take hundreds of ms on a busy disk, and a re-read waits for a write in progress; on a
+/// runtime thread either would hold up that thread's other tasks (requests, in the
+/// multi-thread layout, and any task in its LIFO slot, which no other thread may steal).
+/// The gateway's own file I/O is key uses, access tokens and the watcher's re-reads; the
+/// CLI's may block its own runtime.
+pub(crate) async fn off_runtime<T: Send + 'static>(
+    io: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(write)
+    tokio::task::spawn_blocking(io)
         .await
-        .map_err(|e| StoreError::Unavailable(format!("file store write: {e}")))?
+        .map_err(|e| StoreError::Unavailable(format!("file store I/O did not finish: {e}")))?
 }
 
 impl Store {
