@@ -536,13 +536,7 @@ async fn record_uses(
             batch.push(u);
         }
         match gate.auth.store().record_uses(&batch).await {
-            Ok(()) => {
-                let users: std::collections::BTreeSet<&str> =
-                    batch.iter().map(|u| u.user_id.as_str()).collect();
-                for _ in users {
-                    gate.metrics.key_use_writes.inc();
-                }
-            }
+            Ok(users) => gate.metrics.key_use_writes.add(users as u64),
             Err(e) => tracing::warn!(error = %e, uses = batch.len(), "could not record key uses"),
         }
         batch.clear();

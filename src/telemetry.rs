@@ -30,7 +30,10 @@ pub struct Counter([Padded; SHARDS]);
 
 impl Counter {
     pub fn inc(&self) {
-        self.0[shard()].0.fetch_add(1, Ordering::Relaxed);
+        self.add(1);
+    }
+    pub fn add(&self, n: u64) {
+        self.0[shard()].0.fetch_add(n, Ordering::Relaxed);
     }
     pub fn get(&self) -> u64 {
         self.0.iter().map(|p| p.0.load(Ordering::Relaxed)).sum()

@@ -1442,3 +1442,97 @@ fn each_thread_has_its_own_command_connection() {
         "one shared connection for the multi-thread runtime"
     );
 }
+
+/// A record the lookup cannot read fails the lookup (503 at the gateway), never yields
+/// a principal: each corruption is written over a working key or access token, checked,
+/// and put back, after which the same token resolves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_records_fail_the_lookup_instead_of_resolving() {
+    let redis = RedisServer::start();
+    let store = admin(&redis).await;
+    let key = api_user(&store, "alice", &["events"]).await;
+    let key_hash = TokenHash::of(key.as_bytes());
+    let token_hash = TokenHash::of(b"an access token of alice's");
+    store
+        .issue_access_token("alice", key_hash, token_hash, Duration::from_secs(300))
+        .await
+        .expect("issue an access token");
+    let mut conn = redis.conn().await;
+    let entries = "cg:user:{alice}:keys";
+    let tok = format!("cg:tok:{}", token_hash.to_hex());
+    let entry: String = redis::cmd("HGET")
+        .arg(entries)
+        .arg(key_hash.to_hex())
+        .query_async(&mut conn)
+        .await
+        .expect("the key's entry");
+    let record: String = redis::cmd("GET")
+        .arg(&tok)
+        .query_async(&mut conn)
+        .await
+        .expect("the token's record");
+    for hash in [key_hash, token_hash] {
+        let r = store
+            .lookup(&hash)
+            .await
+            .expect("lookup")
+            .expect("resolves");
+        assert_eq!((r.user.id.as_str(), r.key_hash), ("alice", key_hash));
+    }
+
+    let bad_entries = [
+        entry.replace("\"key_id\":", "\"kid\":"),
+        entry.replace("\"expires_ms\":\"\"", "\"expires_ms\":7"),
+        "not json".to_string(),
+    ];
+    for bad in &bad_entries {
+        let () = redis::cmd("HSET")
+            .arg(entries)
+            .arg(key_hash.to_hex())
+            .arg(bad)
+            .query_async(&mut conn)
+            .await
+            .expect("corrupt the entry");
+        for hash in [key_hash, token_hash] {
+            let got = store.lookup(&hash).await;
+            assert!(got.is_err(), "entry {bad:?}: lookup gave {got:?}");
+        }
+    }
+    let () = redis::cmd("HSET")
+        .arg(entries)
+        .arg(key_hash.to_hex())
+        .arg(&entry)
+        .query_async(&mut conn)
+        .await
+        .expect("restore the entry");
+    for bad in [
+        record.replace("\"user\":\"alice\"", "\"user\":7"),
+        record.replace("\"parent\":", "\"key\":"),
+        "[]".to_string(),
+    ] {
+        let () = redis::cmd("SET")
+            .arg(&tok)
+            .arg(&bad)
+            .arg("KEEPTTL")
+            .query_async(&mut conn)
+            .await
+            .expect("corrupt the token");
+        let got = store.lookup(&token_hash).await;
+        assert!(got.is_err(), "token {bad:?}: lookup gave {got:?}");
+    }
+    let () = redis::cmd("SET")
+        .arg(&tok)
+        .arg(&record)
+        .arg("KEEPTTL")
+        .query_async(&mut conn)
+        .await
+        .expect("restore the token");
+    for hash in [key_hash, token_hash] {
+        let r = store
+            .lookup(&hash)
+            .await
+            .expect("lookup")
+            .expect("resolves");
+        assert_eq!(r.user.id, "alice");
+    }
+}

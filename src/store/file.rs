@@ -179,18 +179,22 @@ impl FileStore {
             }))
     }
 
-    pub fn record_uses(&self, uses: &[KeyUse]) -> Result<(), StoreError> {
+    pub fn record_uses(&self, uses: &[KeyUse]) -> Result<usize, StoreError> {
         if uses.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
+        let users = super::group_uses(uses);
         self.mutate(|data, _| {
-            for u in uses {
-                if let Some(r) = data.users.get_mut(&u.user_id) {
-                    r.record_use(&u.key_hash, u.at_ms);
+            for (id, keys) in &users {
+                if let Some(r) = data.users.get_mut(*id) {
+                    for (hash, at_ms) in keys {
+                        r.record_use(hash, *at_ms);
+                    }
                 }
             }
             Ok(())
-        })
+        })?;
+        Ok(users.len())
     }
 
     pub fn issue_access_token(

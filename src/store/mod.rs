@@ -192,6 +192,30 @@ pub struct KeyUse {
     pub at_ms: u64,
 }
 
+/// A batch of key uses by user, in the order of each user's first use, and each key once
+/// at its latest time: what the stores write, one script (`redis://`) per user. Grouped
+/// through a hash map, not by sorting: a batch holds up to a second's uses, and sorting
+/// them by user id cost the gateway about 3,300 instructions a use (BENCHMARKS.md,
+/// "Cheaper key-use batches").
+pub fn group_uses(uses: &[KeyUse]) -> Vec<(&str, Vec<(TokenHash, u64)>)> {
+    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut users: Vec<(&str, Vec<(TokenHash, u64)>)> = Vec::new();
+    for u in uses {
+        let id = u.user_id.as_str();
+        let i = *index.entry(id).or_insert_with(|| {
+            users.push((id, Vec::new()));
+            users.len() - 1
+        });
+        // A user holds two keys at most (and those in grace): a scan is enough.
+        let keys = &mut users[i].1;
+        match keys.iter_mut().find(|(h, _)| *h == u.key_hash) {
+            Some((_, at)) => *at = (*at).max(u.at_ms),
+            None => keys.push((u.key_hash, u.at_ms)),
+        }
+    }
+    users
+}
+
 /// Fields of a new user.
 #[derive(Debug, Clone)]
 pub struct NewUser {
@@ -397,7 +421,8 @@ impl Store {
 
     /// Records when keys were last used (never moves a time backwards; unknown users and
     /// keys are skipped). Changes nothing that a cache depends on, so announces nothing.
-    pub async fn record_uses(&self, uses: &[KeyUse]) -> Result<(), StoreError> {
+    /// Answers how many users' uses were written ([`group_uses`]).
+    pub async fn record_uses(&self, uses: &[KeyUse]) -> Result<usize, StoreError> {
         match self {
             Store::File(s) => {
                 let (s, uses) = (s.clone(), uses.to_vec());
@@ -418,5 +443,33 @@ impl Store {
             Store::File(s) => s.delete_key(id, slot, how),
             Store::Redis(s) => s.delete_key(id, slot, how).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uses_group_by_user_with_each_key_once_at_its_latest_time() {
+        let (a1, a2, b1) = (TokenHash([1; 32]), TokenHash([2; 32]), TokenHash([3; 32]));
+        let used = |user_id: &str, key_hash: TokenHash, at_ms: u64| KeyUse {
+            user_id: user_id.into(),
+            key_hash,
+            at_ms,
+        };
+        let batch = [
+            used("b", b1, 5),
+            used("a", a1, 7),
+            used("b", b1, 3),
+            used("a", a2, 1),
+            used("a", a1, 9),
+            used("a", a1, 8),
+        ];
+        assert_eq!(
+            group_uses(&batch),
+            vec![("b", vec![(b1, 5)]), ("a", vec![(a1, 9), (a2, 1)])]
+        );
+        assert!(group_uses(&[]).is_empty());
     }
 }

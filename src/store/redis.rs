@@ -57,7 +57,7 @@ use super::{
 };
 use crate::config::{ConfigError, StoreTls};
 
-/// First in every script: Redis' clock, whether a key entry works at a time
+/// First in every script but [`LOOKUP`]: Redis' clock, whether a key entry works at a time
 /// (records::SecretKey::valid_at), a key entry's stored JSON.
 const BASICS: &str = r#"
 local function now_ms()
@@ -139,51 +139,58 @@ end
 "#;
 
 /// Token hash -> its principal if it is a key that works now, or a working access token
-/// (records::UserRecords::resolve); read-only. Only [`BASICS`] before it, not [`PRELUDE`]
-/// (whose ~20 closures would be built on every call, and this runs on every cache miss),
-/// and the answer is one flat array of [`LOOKUP_ITEMS`] strings rather than the user hash
-/// nested in it: the head (five fields, none of which can hold a newline, joined by
-/// `\n` in one Lua concatenation), then the user's [`USER_FIELDS`]
-/// (nil for a missing one). Both save Redis time (12.5 -> 9 µs a call with
-/// `redis-benchmark`; packing every field, length-prefixed, into one string cost 14.4
-/// µs), and each array item fewer saves the gateway's reply parser about 1,000
-/// instructions.
+/// (records::UserRecords::resolve); read-only. Self-contained, without [`BASICS`] or
+/// [`PRELUDE`] (closures built on every call, and this runs on every cache miss), and
+/// Redis' clock is read only where a deadline needs it: for a deleted key (in grace) or
+/// an access token, not for an active key. Answers one flat array of [`LOOKUP_ITEMS`]
+/// strings: the head (five fields, none of which can hold a newline, joined by `\n` in
+/// one Lua concatenation), then the user's [`USER_FIELDS`] (nil for a missing one); each
+/// array item fewer saves the gateway's reply parser about 1,000 instructions.
+/// `redis-benchmark`, Redis CPU per call: 12.5 µs with the prelude and a nested answer,
+/// 12-13 µs with [`BASICS`] and this answer, 10-11 µs as it is (docs/redis.md, "Reads").
 const LOOKUP: &str = r#"
 local P, h = ARGV[1], ARGV[2]
-local function answer(kind, id, key_id, deadline, parent)
-  if type(id) ~= 'string' or type(key_id) ~= 'string' or type(deadline) ~= 'string'
-    or type(parent) ~= 'string' then
-    return redis.error_reply('corrupt key entry or access token of ' .. h)
-  end
-  local u = redis.call('HMGET', P .. 'user:{' .. id .. '}', 'type', 'tenant', 'name',
-    'disabled', 'grants', 'created_ms')
-  if not (u[1] or u[2] or u[3] or u[4] or u[5] or u[6]) then return false end
-  return {kind .. '\n' .. id .. '\n' .. key_id .. '\n' .. deadline .. '\n' .. parent,
-    u[1], u[2], u[3], u[4], u[5], u[6]}
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local id = redis.call('GET', P .. 'key:' .. h)
+local kind, id, key, deadline, parent = 'key', redis.call('GET', P .. 'key:' .. h), nil, nil, ''
 if id then
   local raw = redis.call('HGET', P .. 'user:{' .. id .. '}:keys', h)
   if not raw then return false end
-  local k = cjson.decode(raw)
-  if not valid_at(k, now_ms()) then return false end
-  return answer('key', id, k.key_id, k.expires_ms, '')
+  key = cjson.decode(raw)
+  deadline = key.expires_ms
+  if type(deadline) ~= 'string' then return redis.error_reply('corrupt key entry ' .. h) end
+  if deadline ~= '' and tonumber(deadline) <= now_ms() then return false end
+else
+  local t = redis.call('GET', P .. 'tok:' .. h)
+  if not t then return false end
+  t = cjson.decode(t)
+  local now = now_ms()
+  if tonumber(t.expires_ms) <= now then return false end
+  kind, id, parent, deadline = 'token', t.user, t.parent, t.expires_ms
+  if type(id) ~= 'string' or type(parent) ~= 'string' then
+    return redis.error_reply('corrupt access token ' .. h)
+  end
+  if redis.call('HEXISTS', P .. 'user:{' .. id .. '}:tokens', h) == 0 then return false end
+  local raw = redis.call('HGET', P .. 'user:{' .. id .. '}:keys', parent)
+  if not raw then return false end
+  key = cjson.decode(raw)
+  local d = key.expires_ms
+  if type(d) ~= 'string' then return redis.error_reply('corrupt key entry ' .. parent) end
+  if d ~= '' then
+    if tonumber(d) <= now then return false end
+    if tonumber(d) < tonumber(deadline) then deadline = d end
+  end
 end
-local t = redis.call('GET', P .. 'tok:' .. h)
-if not t then return false end
-t = cjson.decode(t)
-local now = now_ms()
-if tonumber(t.expires_ms) <= now then return false end
-if redis.call('HEXISTS', P .. 'user:{' .. t.user .. '}:tokens', h) == 0 then return false end
-local raw = redis.call('HGET', P .. 'user:{' .. t.user .. '}:keys', t.parent)
-if not raw then return false end
-local parent = cjson.decode(raw)
-if not valid_at(parent, now) then return false end
-local deadline = t.expires_ms
-if parent.expires_ms ~= '' and tonumber(parent.expires_ms) < tonumber(deadline) then
-  deadline = parent.expires_ms
+if type(id) ~= 'string' or type(key.key_id) ~= 'string' or type(deadline) ~= 'string' then
+  return redis.error_reply('corrupt key entry or access token of ' .. h)
 end
-return answer('token', t.user, parent.key_id, deadline, t.parent)
+local u = redis.call('HMGET', P .. 'user:{' .. id .. '}', 'type', 'tenant', 'name',
+  'disabled', 'grants', 'created_ms')
+if not (u[1] or u[2] or u[3] or u[4] or u[5] or u[6]) then return false end
+return {kind .. '\n' .. id .. '\n' .. key.key_id .. '\n' .. deadline .. '\n' .. parent,
+  u[1], u[2], u[3], u[4], u[5], u[6]}
 "#;
 
 /// The items of [`LOOKUP`]'s answer: the head (`key`/`token`, the user id, the key id, an
@@ -454,7 +461,7 @@ impl Scripts {
             sources.push(code);
             script
         };
-        let lookup = add(format!("{BASICS}{LOOKUP}"));
+        let lookup = add(LOOKUP.to_string());
         let record_uses = add(format!("{BASICS}{RECORD_USES}"));
         let mut s = |body: &str| add(format!("{BASICS}{PRELUDE}{body}"));
         Scripts {
@@ -759,15 +766,12 @@ impl RedisStore {
     /// One script per user (each user's records live in one hash slot), sent as one
     /// pipeline per [`USES_PER_PIPELINE`] users: a burst of first uses (a fleet of new
     /// clients, a restart) costs a round trip per few hundred users, not one per user.
-    pub async fn record_uses(&self, uses: &[KeyUse]) -> Result<(), StoreError> {
-        let mut order: Vec<&KeyUse> = uses.iter().collect();
-        order.sort_by(|a, b| a.user_id.cmp(&b.user_id));
-        let users: Vec<&[&KeyUse]> = order.chunk_by(|a, b| a.user_id == b.user_id).collect();
+    pub async fn record_uses(&self, uses: &[KeyUse]) -> Result<usize, StoreError> {
+        let users = super::group_uses(uses);
         let script = self.scripts.record_uses.get_hash();
         for chunk in users.chunks(USES_PER_PIPELINE) {
             let mut pipe = redis::pipe();
-            for uses in chunk {
-                let id = uses[0].user_id.as_str();
+            for (id, keys) in chunk {
                 pipe.cmd("EVALSHA")
                     .arg(script)
                     .arg(2)
@@ -775,8 +779,8 @@ impl RedisStore {
                     .arg(self.keys_key(id))
                     .arg(&self.prefix)
                     .arg(id);
-                for u in *uses {
-                    pipe.arg(&u.key_hash.hex()[..]).arg(u.at_ms);
+                for (hash, at_ms) in keys {
+                    pipe.arg(&hash.hex()[..]).arg(*at_ms);
                 }
                 pipe.ignore();
             }
@@ -800,7 +804,7 @@ impl RedisStore {
             )
             .await?;
         }
-        Ok(())
+        Ok(users.len())
     }
 
     pub async fn create_user(&self, new: NewUser) -> Result<User, StoreError> {
