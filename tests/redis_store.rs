@@ -1536,3 +1536,60 @@ async fn unreadable_records_fail_the_lookup_instead_of_resolving() {
         assert_eq!(r.user.id, "alice");
     }
 }
+
+/// A key entry that cannot be read does not cost the other uses of a batch: they are
+/// written, the batch succeeds, and the unreadable entry is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_key_entry_does_not_fail_the_other_uses_of_a_batch() {
+    let redis = RedisServer::start();
+    let store = admin(&redis).await;
+    let a = TokenHash::of(api_user(&store, "a", &["events"]).await.as_bytes());
+    let b = TokenHash::of(api_user(&store, "b", &["events"]).await.as_bytes());
+    let c = TokenHash::of(api_user(&store, "c", &["events"]).await.as_bytes());
+    let mut conn = redis.conn().await;
+    let set = |user: &'static str, hash: TokenHash, raw: String| {
+        let redis = &redis;
+        async move {
+            let mut conn = redis.conn().await;
+            let () = redis::cmd("HSET")
+                .arg(format!("cg:user:{{{user}}}:keys"))
+                .arg(hash.to_hex())
+                .arg(raw)
+                .query_async(&mut conn)
+                .await
+                .expect("HSET");
+        }
+    };
+    let entry_of_c: String = redis::cmd("HGET")
+        .arg("cg:user:{c}:keys")
+        .arg(c.to_hex())
+        .query_async(&mut conn)
+        .await
+        .expect("c's entry");
+    set("a", a, "not json".into()).await;
+    let bad_time = entry_of_c.replace("\"last_used_ms\":\"\"", "\"last_used_ms\":\"soon\"");
+    set("c", c, bad_time.clone()).await;
+    let used = |user_id: &str, key_hash: TokenHash| KeyUse {
+        user_id: user_id.into(),
+        key_hash,
+        at_ms: 5_000,
+    };
+    assert_eq!(
+        store
+            .record_uses(&[used("a", a), used("b", b), used("c", c)])
+            .await
+            .expect("the batch is written"),
+        3
+    );
+    let listed = store.keys("b").await.expect("b's keys");
+    assert_eq!(listed[0].last_used_ms, Some(5_000), "b's use is written");
+    for (user, hash, want) in [("a", a, "not json".to_string()), ("c", c, bad_time)] {
+        let raw: String = redis::cmd("HGET")
+            .arg(format!("cg:user:{{{user}}}:keys"))
+            .arg(hash.to_hex())
+            .query_async(&mut conn)
+            .await
+            .expect("entry");
+        assert_eq!(raw, want, "{user}'s unreadable entry is left as it was");
+    }
+}

@@ -202,15 +202,19 @@ const LOOKUP_ITEMS: usize = 1 + USER_FIELDS.len();
 const USER_FIELDS: [&str; 6] = ["type", "tenant", "name", "disabled", "grants", "created_ms"];
 
 /// Records key uses: `KEYS[2]` the user's key entries, then `ARGV[3..]` pairs of key
-/// hash and ms. A later time wins; keys no longer stored are skipped. Announces nothing:
-/// no cached answer depends on when a key was last used. Without [`PRELUDE`], whose
-/// closures are built on every call, as for [`LOOKUP`].
+/// hash and ms. A later time wins; keys no longer stored are skipped, and so are entries
+/// that cannot be read (not JSON, or a `last_used_ms` that is not a time): a use is not
+/// worth failing the batch for, and such an entry already fails its key's lookup (503)
+/// and `keys list`. Announces nothing: no cached answer depends on when a key was last
+/// used. Without [`PRELUDE`], whose closures are built on every call, as for [`LOOKUP`].
 const RECORD_USES: &str = r#"
 for i = 3, #ARGV, 2 do
   local raw = redis.call('HGET', KEYS[2], ARGV[i])
   if raw then
-    local k = cjson.decode(raw)
-    if k.last_used_ms == '' or tonumber(k.last_used_ms) < tonumber(ARGV[i + 1]) then
+    local ok, k = pcall(cjson.decode, raw)
+    local last = ok and type(k) == 'table' and k.last_used_ms
+    if last == '' or (type(last) == 'string' and tonumber(last)
+      and tonumber(last) < tonumber(ARGV[i + 1])) then
       k.last_used_ms = ARGV[i + 1]
       redis.call('HSET', KEYS[2], ARGV[i], entry(k))
     end
