@@ -1443,6 +1443,16 @@ fn each_thread_has_its_own_command_connection() {
     );
 }
 
+/// Runs one command on the test's Redis, whatever it answers (`HSET`, `SET`).
+async fn raw(redis: &RedisServer, args: &[&str]) {
+    let mut conn = redis.conn().await;
+    let _: redis::Value = redis::cmd(args[0])
+        .arg(&args[1..])
+        .query_async(&mut conn)
+        .await
+        .expect(args[0]);
+}
+
 /// A record the lookup cannot read fails the lookup (503 at the gateway), never yields
 /// a principal: each corruption is written over a working key or access token, checked,
 /// and put back, after which the same token resolves again.
@@ -1459,10 +1469,10 @@ async fn unreadable_records_fail_the_lookup_instead_of_resolving() {
         .expect("issue an access token");
     let mut conn = redis.conn().await;
     let entries = "cg:user:{alice}:keys";
-    let tok = format!("cg:tok:{}", token_hash.to_hex());
+    let (key_hex, tok) = (key_hash.to_hex(), format!("cg:tok:{}", token_hash.to_hex()));
     let entry: String = redis::cmd("HGET")
         .arg(entries)
-        .arg(key_hash.to_hex())
+        .arg(&key_hex)
         .query_async(&mut conn)
         .await
         .expect("the key's entry");
@@ -1471,70 +1481,38 @@ async fn unreadable_records_fail_the_lookup_instead_of_resolving() {
         .query_async(&mut conn)
         .await
         .expect("the token's record");
-    for hash in [key_hash, token_hash] {
-        let r = store
-            .lookup(&hash)
-            .await
-            .expect("lookup")
-            .expect("resolves");
-        assert_eq!((r.user.id.as_str(), r.key_hash), ("alice", key_hash));
-    }
+    let both_resolve = async || {
+        for hash in [key_hash, token_hash] {
+            let r = store.lookup(&hash).await.expect("lookup");
+            let r = r.expect("resolves");
+            assert_eq!((r.user.id.as_str(), r.key_hash), ("alice", key_hash));
+        }
+    };
+    both_resolve().await;
 
-    let bad_entries = [
+    for bad in [
         entry.replace("\"key_id\":", "\"kid\":"),
         entry.replace("\"expires_ms\":\"\"", "\"expires_ms\":7"),
         "not json".to_string(),
-    ];
-    for bad in &bad_entries {
-        let () = redis::cmd("HSET")
-            .arg(entries)
-            .arg(key_hash.to_hex())
-            .arg(bad)
-            .query_async(&mut conn)
-            .await
-            .expect("corrupt the entry");
+    ] {
+        raw(&redis, &["HSET", entries, &key_hex, &bad]).await;
         for hash in [key_hash, token_hash] {
             let got = store.lookup(&hash).await;
             assert!(got.is_err(), "entry {bad:?}: lookup gave {got:?}");
         }
     }
-    let () = redis::cmd("HSET")
-        .arg(entries)
-        .arg(key_hash.to_hex())
-        .arg(&entry)
-        .query_async(&mut conn)
-        .await
-        .expect("restore the entry");
+    raw(&redis, &["HSET", entries, &key_hex, &entry]).await;
     for bad in [
         record.replace("\"user\":\"alice\"", "\"user\":7"),
         record.replace("\"parent\":", "\"key\":"),
         "[]".to_string(),
     ] {
-        let () = redis::cmd("SET")
-            .arg(&tok)
-            .arg(&bad)
-            .arg("KEEPTTL")
-            .query_async(&mut conn)
-            .await
-            .expect("corrupt the token");
+        raw(&redis, &["SET", &tok, &bad, "KEEPTTL"]).await;
         let got = store.lookup(&token_hash).await;
         assert!(got.is_err(), "token {bad:?}: lookup gave {got:?}");
     }
-    let () = redis::cmd("SET")
-        .arg(&tok)
-        .arg(&record)
-        .arg("KEEPTTL")
-        .query_async(&mut conn)
-        .await
-        .expect("restore the token");
-    for hash in [key_hash, token_hash] {
-        let r = store
-            .lookup(&hash)
-            .await
-            .expect("lookup")
-            .expect("resolves");
-        assert_eq!(r.user.id, "alice");
-    }
+    raw(&redis, &["SET", &tok, &record, "KEEPTTL"]).await;
+    both_resolve().await;
 }
 
 /// A key entry that cannot be read does not cost the other uses of a batch: they are
@@ -1547,28 +1525,23 @@ async fn an_unreadable_key_entry_does_not_fail_the_other_uses_of_a_batch() {
     let b = TokenHash::of(api_user(&store, "b", &["events"]).await.as_bytes());
     let c = TokenHash::of(api_user(&store, "c", &["events"]).await.as_bytes());
     let mut conn = redis.conn().await;
-    let set = |user: &'static str, hash: TokenHash, raw: String| {
-        let redis = &redis;
-        async move {
-            let mut conn = redis.conn().await;
-            let () = redis::cmd("HSET")
-                .arg(format!("cg:user:{{{user}}}:keys"))
-                .arg(hash.to_hex())
-                .arg(raw)
-                .query_async(&mut conn)
-                .await
-                .expect("HSET");
-        }
-    };
     let entry_of_c: String = redis::cmd("HGET")
         .arg("cg:user:{c}:keys")
         .arg(c.to_hex())
         .query_async(&mut conn)
         .await
         .expect("c's entry");
-    set("a", a, "not json".into()).await;
+    raw(
+        &redis,
+        &["HSET", "cg:user:{a}:keys", &a.to_hex(), "not json"],
+    )
+    .await;
     let bad_time = entry_of_c.replace("\"last_used_ms\":\"\"", "\"last_used_ms\":\"soon\"");
-    set("c", c, bad_time.clone()).await;
+    raw(
+        &redis,
+        &["HSET", "cg:user:{c}:keys", &c.to_hex(), &bad_time],
+    )
+    .await;
     let used = |user_id: &str, key_hash: TokenHash| KeyUse {
         user_id: user_id.into(),
         key_hash,
@@ -1584,12 +1557,12 @@ async fn an_unreadable_key_entry_does_not_fail_the_other_uses_of_a_batch() {
     let listed = store.keys("b").await.expect("b's keys");
     assert_eq!(listed[0].last_used_ms, Some(5_000), "b's use is written");
     for (user, hash, want) in [("a", a, "not json".to_string()), ("c", c, bad_time)] {
-        let raw: String = redis::cmd("HGET")
+        let stored: String = redis::cmd("HGET")
             .arg(format!("cg:user:{{{user}}}:keys"))
             .arg(hash.to_hex())
             .query_async(&mut conn)
             .await
             .expect("entry");
-        assert_eq!(raw, want, "{user}'s unreadable entry is left as it was");
+        assert_eq!(stored, want, "{user}'s unreadable entry is left as it was");
     }
 }
