@@ -196,7 +196,7 @@ pub struct KeyUse {
 /// at its latest time: what the stores write, one script (`redis://`) per user. Grouped
 /// through a hash map, not by sorting: a batch holds up to a second's uses, and sorting
 /// them by user id cost the gateway about 3,300 instructions a use (BENCHMARKS.md,
-/// "Cheaper key-use batches").
+/// "Lookups without the shared helpers").
 pub fn group_uses(uses: &[KeyUse]) -> Vec<(&str, Vec<(TokenHash, u64)>)> {
     let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     let mut users: Vec<(&str, Vec<(TokenHash, u64)>)> = Vec::new();

@@ -146,8 +146,9 @@ end
 /// strings: the head (five fields, none of which can hold a newline, joined by `\n` in
 /// one Lua concatenation), then the user's [`USER_FIELDS`] (nil for a missing one); each
 /// array item fewer saves the gateway's reply parser about 1,000 instructions.
-/// `redis-benchmark`, Redis CPU per call: 12.5 µs with the prelude and a nested answer,
-/// 12-13 µs with [`BASICS`] and this answer, 10-11 µs as it is (docs/redis.md, "Reads").
+/// Redis CPU per call (`redis-benchmark`, one run): 14.8 µs with [`BASICS`]' closures,
+/// 12.2 µs as it is, 9.3 µs for its three reads with no checks at all (docs/redis.md,
+/// "Reads", which also has why plain commands were not kept).
 const LOOKUP: &str = r#"
 local P, h = ARGV[1], ARGV[2]
 local function now_ms()
