@@ -83,8 +83,14 @@ pub enum KeysCommand {
         /// Slot of the key to delete (deleting key 1 promotes key 2 to key 1)
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
         slot: u8,
-        /// How long the key keeps working [default: [auth] deleted_key_grace]
-        #[arg(long, value_parser = parse_grace, conflicts_with = "now")]
+        // The help text as an attribute, not a doc comment: rustdoc would read its
+        // `[auth]` as a link.
+        #[arg(
+            long,
+            value_parser = parse_grace,
+            conflicts_with = "now",
+            help = "How long the key keeps working [default: [auth] deleted_key_grace]"
+        )]
         grace: Option<Duration>,
         /// Revoke at once (a leaked key)
         #[arg(long)]

@@ -307,7 +307,7 @@ impl FileStore {
     }
 
     /// Re-reads the file if another process changed it; true when it did. Costs one
-    /// `stat` when nothing changed (and a re-read during [`RACY_WINDOW`] after a write).
+    /// `stat` when nothing changed (and a re-read during `RACY_WINDOW` after a write).
     /// On error the current snapshot stays in place.
     pub fn reload_if_changed(&self) -> Result<bool, StoreError> {
         let current = match fs::metadata(&self.path) {

@@ -769,7 +769,7 @@ impl RedisStore {
     }
 
     /// One script per user (each user's records live in one hash slot), sent as one
-    /// pipeline per [`USES_PER_PIPELINE`] users: a burst of first uses (a fleet of new
+    /// pipeline per `USES_PER_PIPELINE` users: a burst of first uses (a fleet of new
     /// clients, a restart) costs a round trip per few hundred users, not one per user.
     pub async fn record_uses(&self, uses: &[KeyUse]) -> Result<usize, StoreError> {
         let users = super::group_uses(uses);
