@@ -441,7 +441,7 @@ return {'ok', h, expires}
 /// Users whose key uses go in one pipeline of `record_uses` scripts.
 const USES_PER_PIPELINE: usize = 256;
 
-/// The scripts, each the prelude plus its body, loaded once per connection.
+/// The scripts, each the prelude plus its body (the lookup and key uses without it).
 struct Scripts {
     lookup: Script,
     keys: Script,
@@ -485,10 +485,26 @@ impl Scripts {
         }
     }
 
-    /// `SCRIPT LOAD` of every script, in one pipeline.
+    /// `SCRIPT LOAD` of every script, in one pipeline: after a `NOSCRIPT` (a Redis that
+    /// restarted or was flushed).
     fn load(&self) -> redis::Pipeline {
+        self.load_first(self.sources.len())
+    }
+
+    /// `SCRIPT LOAD` of the two scripts that run with traffic and are sent by hash (the
+    /// lookup and key uses; [`Scripts::new`] adds them first): what a new connection
+    /// loads. The others are sent through `ScriptInvocation::invoke_async`, which loads
+    /// a script on its first `NOSCRIPT`. Loading all eleven on every new connection (each
+    /// CLI command opens one) cost Redis about 880k instructions, the SHA-1 of every
+    /// source, four times a `keys delete` itself (BENCHMARKS.md, "Lookups without the
+    /// shared helpers").
+    fn load_traffic(&self) -> redis::Pipeline {
+        self.load_first(2)
+    }
+
+    fn load_first(&self, n: usize) -> redis::Pipeline {
         let mut load = redis::pipe();
-        for code in &self.sources {
+        for code in self.sources.iter().take(n) {
             load.cmd("SCRIPT").arg("LOAD").arg(code);
         }
         load
@@ -616,8 +632,8 @@ impl RedisStore {
         }
     }
 
-    /// The slot's command connection, opening it (and loading the scripts) if there is
-    /// none.
+    /// The slot's command connection, opening it (and loading the scripts that run with
+    /// traffic) if there is none.
     async fn connection(&self, slot: &Slot, owner: Option<ThreadId>) -> Result<Conn, RedisError> {
         if let Some(c) = slot.current(owner) {
             return Ok(c);
@@ -632,7 +648,10 @@ impl RedisStore {
             .set_number_of_retries(0)
             .set_connection_timeout(self.timeout);
         let mut manager = ConnectionManager::new_with_config(self.client.clone(), config).await?;
-        self.scripts.load().query_async::<()>(&mut manager).await?;
+        self.scripts
+            .load_traffic()
+            .query_async::<()>(&mut manager)
+            .await?;
         let conn = Arc::new((owner, manager));
         slot.conn.store(Some(conn.clone()));
         Ok(conn)
@@ -745,8 +764,8 @@ impl RedisStore {
             .arg(&self.prefix)
             .arg(&hex[..]);
         let cmd = &cmd;
-        // After `SCRIPT FLUSH` (or a Redis that lost them) the scripts are loaded again,
-        // as a new connection does, and the lookup sent again.
+        // After `SCRIPT FLUSH` (or a Redis that lost them) the scripts are loaded again
+        // and the lookup sent again.
         let reply = self
             .call("lookup", Call::Read, move |mut conn| async move {
                 match cmd.query_async::<Value>(&mut conn).await {
@@ -790,10 +809,9 @@ impl RedisStore {
                 pipe.ignore();
             }
             let pipe = &pipe;
-            // The scripts are loaded with each new connection; after a `SCRIPT FLUSH` (or a
-            // Redis that lost them) they are loaded again, as a new connection does, and
-            // the pipeline sent again: a use recorded twice is the same use (the later
-            // time wins).
+            // This script is loaded with each new connection; after a `SCRIPT FLUSH` (or a
+            // Redis that lost it) the scripts are loaded again and the pipeline sent
+            // again: a use recorded twice is the same use (the later time wins).
             self.call(
                 "record key uses",
                 Call::Change,
