@@ -184,7 +184,8 @@ else
     if tonumber(d) < tonumber(deadline) then deadline = d end
   end
 end
-if type(id) ~= 'string' or type(key.key_id) ~= 'string' or type(deadline) ~= 'string' then
+-- `id` is a string here: `GET`'s answer, or checked above.
+if type(key.key_id) ~= 'string' or type(deadline) ~= 'string' then
   return redis.error_reply('corrupt key entry or access token of ' .. h)
 end
 local u = redis.call('HMGET', P .. 'user:{' .. id .. '}', 'type', 'tenant', 'name',
@@ -454,23 +455,20 @@ struct Scripts {
     delete_user: Script,
     issue_token: Script,
     record_uses: Script,
-    /// Every script's source, for `SCRIPT LOAD` (`Script` does not give it back).
-    sources: Vec<String>,
+    /// The sources of the two scripts sent by hash with traffic (the lookup and key
+    /// uses), for `SCRIPT LOAD` (`Script` does not give its source back). The others are
+    /// sent through `ScriptInvocation::invoke_async`, which loads a script on its first
+    /// `NOSCRIPT`.
+    by_hash: [String; 2],
 }
 
 impl Scripts {
     fn new() -> Scripts {
-        let mut sources = Vec::new();
-        let mut add = |code: String| {
-            let script = Script::new(&code);
-            sources.push(code);
-            script
-        };
-        let lookup = add(LOOKUP.to_string());
-        let record_uses = add(format!("{BASICS}{RECORD_USES}"));
-        let mut s = |body: &str| add(format!("{BASICS}{PRELUDE}{body}"));
+        let lookup = LOOKUP.to_string();
+        let record_uses = format!("{BASICS}{RECORD_USES}");
+        let s = |body: &str| Script::new(&format!("{BASICS}{PRELUDE}{body}"));
         Scripts {
-            lookup,
+            lookup: Script::new(&lookup),
             keys: s(KEYS),
             create_user: s(CREATE_USER),
             set_disabled: s(SET_DISABLED),
@@ -480,31 +478,19 @@ impl Scripts {
             delete_key: s(DELETE_KEY),
             delete_user: s(DELETE_USER),
             issue_token: s(ISSUE_TOKEN),
-            record_uses,
-            sources,
+            record_uses: Script::new(&record_uses),
+            by_hash: [lookup, record_uses],
         }
     }
 
-    /// `SCRIPT LOAD` of every script, in one pipeline: after a `NOSCRIPT` (a Redis that
-    /// restarted or was flushed).
+    /// `SCRIPT LOAD` of the scripts sent by hash, in one pipeline: on a new connection,
+    /// and after a `NOSCRIPT` (a Redis that restarted or was flushed). Loading all eleven
+    /// on every new connection (each CLI command opens one) cost Redis about 880k
+    /// instructions, the SHA-1 of every source, four times a `keys delete` itself
+    /// (BENCHMARKS.md, "Lookups without the shared helpers").
     fn load(&self) -> redis::Pipeline {
-        self.load_first(self.sources.len())
-    }
-
-    /// `SCRIPT LOAD` of the two scripts that run with traffic and are sent by hash (the
-    /// lookup and key uses; [`Scripts::new`] adds them first): what a new connection
-    /// loads. The others are sent through `ScriptInvocation::invoke_async`, which loads
-    /// a script on its first `NOSCRIPT`. Loading all eleven on every new connection (each
-    /// CLI command opens one) cost Redis about 880k instructions, the SHA-1 of every
-    /// source, four times a `keys delete` itself (BENCHMARKS.md, "Lookups without the
-    /// shared helpers").
-    fn load_traffic(&self) -> redis::Pipeline {
-        self.load_first(2)
-    }
-
-    fn load_first(&self, n: usize) -> redis::Pipeline {
         let mut load = redis::pipe();
-        for code in self.sources.iter().take(n) {
+        for code in &self.by_hash {
             load.cmd("SCRIPT").arg("LOAD").arg(code);
         }
         load
@@ -648,10 +634,7 @@ impl RedisStore {
             .set_number_of_retries(0)
             .set_connection_timeout(self.timeout);
         let mut manager = ConnectionManager::new_with_config(self.client.clone(), config).await?;
-        self.scripts
-            .load_traffic()
-            .query_async::<()>(&mut manager)
-            .await?;
+        self.scripts.load().query_async::<()>(&mut manager).await?;
         let conn = Arc::new((owner, manager));
         slot.conn.store(Some(conn.clone()));
         Ok(conn)
@@ -764,8 +747,8 @@ impl RedisStore {
             .arg(&self.prefix)
             .arg(&hex[..]);
         let cmd = &cmd;
-        // After `SCRIPT FLUSH` (or a Redis that lost them) the scripts are loaded again
-        // and the lookup sent again.
+        // After `SCRIPT FLUSH` (or a Redis that lost it) the script is loaded again and
+        // the lookup sent again.
         let reply = self
             .call("lookup", Call::Read, move |mut conn| async move {
                 match cmd.query_async::<Value>(&mut conn).await {
@@ -810,8 +793,8 @@ impl RedisStore {
             }
             let pipe = &pipe;
             // This script is loaded with each new connection; after a `SCRIPT FLUSH` (or a
-            // Redis that lost it) the scripts are loaded again and the pipeline sent
-            // again: a use recorded twice is the same use (the later time wins).
+            // Redis that lost it) it is loaded again and the pipeline sent again: a use
+            // recorded twice is the same use (the later time wins).
             self.call(
                 "record key uses",
                 Call::Change,
