@@ -1265,6 +1265,15 @@ async fn script_flush(redis: &RedisServer) {
         .expect("SCRIPT FLUSH");
 }
 
+/// A use of `key_hash` by `user_id` at `at_ms`.
+fn key_use(user_id: &str, key_hash: TokenHash, at_ms: u64) -> KeyUse {
+    KeyUse {
+        user_id: user_id.into(),
+        key_hash,
+        at_ms,
+    }
+}
+
 /// Key uses of more users than one pipeline holds are all written, and still after
 /// `SCRIPT FLUSH` (a Redis that lost the scripts): the write loads its script again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1279,11 +1288,7 @@ async fn key_uses_of_many_users_are_all_written_even_after_a_script_flush() {
     }
     let uses = |at_ms: u64| -> Vec<KeyUse> {
         keys.iter()
-            .map(|(id, hash)| KeyUse {
-                user_id: id.clone(),
-                key_hash: *hash,
-                at_ms,
-            })
+            .map(|(id, hash)| key_use(id, *hash, at_ms))
             .collect()
     };
     let last_used = |store: Store| {
@@ -1323,7 +1328,7 @@ async fn key_uses_of_many_users_are_all_written_even_after_a_script_flush() {
 
 /// Uses of one user's two keys, given apart in a batch among other users' uses, are both
 /// written (the batch is grouped by user, one script call each); and a lookup still
-/// answers after `SCRIPT FLUSH`: it loads the scripts again, as a new connection does.
+/// answers after `SCRIPT FLUSH`: it loads its script again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uses_group_by_user_and_lookups_survive_a_script_flush() {
     let redis = RedisServer::start();
@@ -1331,16 +1336,11 @@ async fn uses_group_by_user_and_lookups_survive_a_script_flush() {
     let a1 = TokenHash::of(api_user(&store, "a", &["events"]).await.as_bytes());
     let b1 = TokenHash::of(api_user(&store, "b", &["events"]).await.as_bytes());
     let a2 = TokenHash::of(new_key(&store, "a").await.as_bytes());
-    let used = |user_id: &str, key_hash: TokenHash, at_ms: u64| KeyUse {
-        user_id: user_id.into(),
-        key_hash,
-        at_ms,
-    };
     store
         .record_uses(&[
-            used("a", a1, 1_000),
-            used("b", b1, 2_000),
-            used("a", a2, 3_000),
+            key_use("a", a1, 1_000),
+            key_use("b", b1, 2_000),
+            key_use("a", a2, 3_000),
         ])
         .await
         .expect("record uses");
@@ -1542,14 +1542,13 @@ async fn an_unreadable_key_entry_does_not_fail_the_other_uses_of_a_batch() {
         &["HSET", "cg:user:{c}:keys", &c.to_hex(), &bad_time],
     )
     .await;
-    let used = |user_id: &str, key_hash: TokenHash| KeyUse {
-        user_id: user_id.into(),
-        key_hash,
-        at_ms: 5_000,
-    };
     assert_eq!(
         store
-            .record_uses(&[used("a", a), used("b", b), used("c", c)])
+            .record_uses(&[
+                key_use("a", a, 5_000),
+                key_use("b", b, 5_000),
+                key_use("c", c, 5_000)
+            ])
             .await
             .expect("the batch is written"),
         3
