@@ -307,9 +307,12 @@ pub async fn admit<'a>(
     };
     let hash = TokenHash::of(token);
     let principal = resolve_counted(auth, &hash, &policy.routes, client, now).await?;
-    let admitted = authorize(head, path, principal, &policy.routes)?;
-    auth.note_use(&admitted.principal, &hash, now);
-    Ok(admitted)
+    // A use is a request the key authenticated, whatever its route and grants: a store
+    // lookup records it so (`Store::lookup_for_use`), and so does this.
+    if principal.valid_at(now) {
+        auth.note_use(&principal, &hash, now);
+    }
+    authorize(head, path, principal, &policy.routes)
 }
 
 /// Route and grant checks for an authenticated principal.

@@ -272,21 +272,27 @@ async fn keys_list_shows_when_a_key_was_last_used() {
     let backend = RecordingBackend::start().await;
     let env = TestEnv::with_upstream(&backend.url());
     let key = env.create_api_user("alice", &["events"]);
+    // A use is a request the key authenticated, whatever its grants: bob's is refused.
+    let ungranted = env.create_api_user("bob", &["campaigns"]);
     let last_used =
-        |env: &TestEnv| env.cli_json(&["keys", "list", "alice"])[0]["last_used_ms"].as_u64();
-    assert_eq!(last_used(&env), None);
+        |env: &TestEnv, id: &str| env.cli_json(&["keys", "list", id])[0]["last_used_ms"].as_u64();
+    assert_eq!(last_used(&env, "alice"), None);
+    assert_eq!(last_used(&env, "bob"), None);
     let gateway = env.start_gateway().await;
     let before = unix_ms();
     assert_eq!(status(gateway.addr, &key).await, 200);
-    let recorded = wait_until(Duration::from_secs(3), || async {
-        last_used(&env).is_some()
-    })
-    .await;
-    assert!(recorded.is_ok(), "the use was not recorded within 3 s");
-    let at = last_used(&env).expect("recorded");
-    assert!(
-        at >= before && at <= unix_ms(),
-        "{at} not within the request"
-    );
+    assert_eq!(status(gateway.addr, &ungranted).await, 403);
+    for id in ["alice", "bob"] {
+        let recorded = wait_until(Duration::from_secs(3), || async {
+            last_used(&env, id).is_some()
+        })
+        .await;
+        assert!(recorded.is_ok(), "{id}'s use was not recorded within 3 s");
+        let at = last_used(&env, id).expect("recorded");
+        assert!(
+            at >= before && at <= unix_ms(),
+            "{id}: {at} not within the requests"
+        );
+    }
     gateway.shutdown().await;
 }

@@ -464,28 +464,25 @@ async fn a_thousand_concurrent_requests_for_one_uncached_key_make_one_lookup() {
         .await
         .expect("CONFIG RESETSTAT");
 
-    // Each phase's loaded principal also records its key's use once (one more script
-    // call): wait for that write, and count it out.
+    // The lookup also records the key's use, in the same script call: the first
+    // phase's lookup writes it, and no key-use script follows (checked at the end).
     let started = unix_ms();
     let before = evalsha_calls(&mut conn).await;
     let statuses = burst(gw.addr, &key, 1000).await;
     assert_eq!(statuses, [(200, 1000)].into(), "statuses, uncached");
     last_use_recorded(&redis, "alice", &key, started).await;
-    let uncached = evalsha_calls(&mut conn).await - before - 1;
+    let uncached = evalsha_calls(&mut conn).await - before;
 
     // The same once more right after a flush: every copy is stale, in moka and in each
     // worker's front map, and 1000 requests find it so at once.
     gw.gate.auth.flush_all("test");
-    let started = unix_ms();
     let before = evalsha_calls(&mut conn).await;
     let statuses = burst(gw.addr, &key, 1000).await;
     assert_eq!(statuses, [(200, 1000)].into(), "statuses, after a flush");
-    last_use_recorded(&redis, "alice", &key, started).await;
-    let flushed = evalsha_calls(&mut conn).await - before - 1;
+    let flushed = evalsha_calls(&mut conn).await - before;
 
     // And once more with a flush *during* the lookup (Redis held by DEBUG SLEEP): the
     // 1000 waiters all get an answer that the flush voided; one more lookup, not 1000.
-    let started = unix_ms();
     let before = evalsha_calls(&mut conn).await;
     let lookups_started = gw.gate.metrics.store_lookups.get();
     gw.gate.auth.flush_all("test");
@@ -518,8 +515,7 @@ async fn a_thousand_concurrent_requests_for_one_uncached_key_make_one_lookup() {
         [(200, 1000)].into(),
         "statuses, flushed mid-lookup"
     );
-    last_use_recorded(&redis, "alice", &key, started).await;
-    let raced = evalsha_calls(&mut conn).await - before - 1;
+    let raced = evalsha_calls(&mut conn).await - before;
 
     eprintln!(
         "1000 concurrent requests, one key: {uncached} EVALSHA at Redis uncached, \
@@ -548,7 +544,11 @@ async fn a_thousand_concurrent_requests_for_one_uncached_key_make_one_lookup() {
         .wait_for_requests(3000, Duration::from_secs(5))
         .await
         .expect("all forwarded");
+    // Shut down, the key-use writer writes what it was given: nothing, since the lookup
+    // recorded the use.
+    let gate = gw.gate.clone();
     gw.shutdown().await;
+    assert_eq!(gate.metrics.key_use_writes.get(), 0, "key-use scripts");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1253,6 +1253,60 @@ async fn access_tokens_are_shared_by_replicas_and_die_with_their_parent_key() {
     assert!(took <= HEALTHY_BOUND, "{took:?}");
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// A request's lookup records the key's use in its own script: written when the stored
+/// use is a minute or more older (so at most once a minute per key, whatever the number
+/// of replicas), never moved back, on the parent key for an access token, and never for
+/// a disabled user; a plain lookup writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requests_lookup_records_the_use_at_most_once_a_minute() {
+    let redis = RedisServer::start();
+    let store = admin(&redis).await;
+    let key = TokenHash::of(api_user(&store, "alice", &["events"]).await.as_bytes());
+    let last_used = || async { store.keys("alice").await.expect("keys")[0].last_used_ms };
+    let lookup = |hash: TokenHash, at: u64| {
+        let store = store.clone();
+        async move {
+            let (found, recorded) = store.lookup_for_use(&hash, at).await.expect("lookup");
+            assert!(recorded, "redis:// records the use in the lookup");
+            found.expect("resolves")
+        }
+    };
+    const MINUTE: u64 = campaign_gate::store::USE_RESOLUTION_MS;
+    let t = 1_000 * MINUTE;
+
+    assert!(store.lookup(&key).await.expect("lookup").is_some());
+    assert_eq!(last_used().await, None, "a plain lookup writes nothing");
+    lookup(key, t).await;
+    assert_eq!(last_used().await, Some(t), "the first use");
+    lookup(key, t + MINUTE - 1).await;
+    assert_eq!(last_used().await, Some(t), "not again within a minute");
+    lookup(key, t + MINUTE).await;
+    assert_eq!(last_used().await, Some(t + MINUTE), "a minute later");
+    lookup(key, t).await;
+    assert_eq!(last_used().await, Some(t + MINUTE), "never moved back");
+
+    let token = TokenHash::of(b"an access token of alice's");
+    store
+        .issue_access_token("alice", key, token, Duration::from_secs(300))
+        .await
+        .expect("issue an access token");
+    let found = lookup(token, t + 3 * MINUTE).await;
+    assert!(found.access_token);
+    assert_eq!(
+        last_used().await,
+        Some(t + 3 * MINUTE),
+        "an access token's use is its parent key's"
+    );
+
+    store.set_disabled("alice", true).await.expect("disable");
+    lookup(key, t + 5 * MINUTE).await;
+    assert_eq!(
+        last_used().await,
+        Some(t + 3 * MINUTE),
+        "no use recorded for a disabled user"
+    );
 }
 
 /// `SCRIPT FLUSH`: Redis forgets every loaded script, as after a restart.

@@ -406,8 +406,7 @@ pub struct Authenticator {
 /// Key uses queued for the writer at most (about 6 MB when full).
 const USES_QUEUE: usize = 65_536;
 
-/// How often a key's use is recorded at most (per key, per replica).
-pub const USE_RESOLUTION_MS: u64 = 60_000;
+pub use crate::store::USE_RESOLUTION_MS;
 
 /// Whether a use noted at `noted` may be recorded again at `now`.
 fn use_due(noted: &AtomicU64, now: u64) -> bool {
@@ -714,10 +713,13 @@ impl Authenticator {
         // times out also drops its connection; the file store does not wait): a second
         // timer here cost every miss a timer registration, which wakes the worker's
         // driver.
-        let result = Box::pin(self.store.lookup(hash)).await;
+        // The request's use of the key is recorded by the lookup where the store can
+        // (`Store::lookup_for_use`); then `note_use` queues none for a minute.
+        let at = now_ms();
+        let result = Box::pin(self.store.lookup_for_use(hash, at)).await;
         self.metrics.store_lookup_seconds.observe(started.elapsed());
         match result {
-            Ok(Some(resolved)) => {
+            Ok((Some(resolved), use_recorded)) => {
                 let fetched_ms = now_ms();
                 let (user, key_id) = self.compile(&resolved, routes);
                 // The user is known only now. Read its stripe, then the user epoch: an
@@ -730,7 +732,7 @@ impl Authenticator {
                     key_id,
                     deadline_ms: resolved.deadline_ms.unwrap_or(u64::MAX),
                     parent: resolved.access_token.then(|| Arc::new(resolved.key_hash)),
-                    use_noted_ms: AtomicU64::new(0),
+                    use_noted_ms: AtomicU64::new(if use_recorded { at } else { 0 }),
                     fetched_ms,
                     stamp: if user_changed {
                         u64::MAX
@@ -739,7 +741,7 @@ impl Authenticator {
                     },
                 })
             }
-            Ok(None) => Loaded::Unknown(key_only),
+            Ok((None, _)) => Loaded::Unknown(key_only),
             Err(e) => {
                 self.metrics.store_errors.inc();
                 tracing::warn!(error = %e, "store lookup failed");

@@ -183,6 +183,10 @@ pub struct Resolved {
     pub key_hash: TokenHash,
 }
 
+/// How often a key's use is recorded at most (per key; per replica for the uses the
+/// key-use writer records).
+pub const USE_RESOLUTION_MS: u64 = 60_000;
+
 /// A key seen in use: recorded as its `last_used_ms` (batched, at most about once a
 /// minute per key and replica).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -321,11 +325,28 @@ impl Store {
     }
 
     /// Resolves a token hash to its user and key: `None` for an unknown token, a key past
-    /// its deadline, or an expired access token.
+    /// its deadline, or an expired access token. Writes nothing.
     pub async fn lookup(&self, hash: &TokenHash) -> Result<Option<Resolved>, StoreError> {
         match self {
             Store::File(s) => s.lookup(hash),
-            Store::Redis(s) => s.lookup(hash).await,
+            Store::Redis(s) => s.lookup(hash, None).await,
+        }
+    }
+
+    /// A request's lookup, made at `at_ms`: resolves as [`Store::lookup`] and answers
+    /// whether the key's use at `at_ms` is recorded by it. `redis://` records it in the
+    /// lookup's own script (written when the stored use is [`USE_RESOLUTION_MS`] or more
+    /// older, not for a disabled user): a key seen for the first time then costs one
+    /// script call, not a lookup and a key-use script. `file:` records none here (its
+    /// writes end with fsyncs); the key-use writer records those.
+    pub async fn lookup_for_use(
+        &self,
+        hash: &TokenHash,
+        at_ms: u64,
+    ) -> Result<(Option<Resolved>, bool), StoreError> {
+        match self {
+            Store::File(s) => Ok((s.lookup(hash)?, false)),
+            Store::Redis(s) => Ok((s.lookup(hash, Some(at_ms)).await?, true)),
         }
     }
 

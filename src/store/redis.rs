@@ -149,8 +149,18 @@ end
 /// Redis CPU per call (`redis-benchmark`, one run): 14.8 µs with [`BASICS`]' closures,
 /// 12.2 µs as it is, 9.3 µs for its three reads with no checks at all (docs/redis.md,
 /// "Reads", which also has why plain commands were not kept).
+///
+/// A request's lookup also records the key's use (the parent key's, for an access
+/// token): `ARGV[3]` is the gateway's time of the request, and the key entry's
+/// `last_used_ms` is set to it when the stored time is `ARGV[4]` (a minute before) or
+/// earlier, so a key's use is written at most once a minute whatever the number of
+/// replicas; not for a disabled user (refused), nor into an entry whose time cannot be
+/// read. The same write as [`RECORD_USES`], without a second script call per new key:
+/// one call instead of two cost Redis 95k instructions instead of 128k for a key seen for
+/// the first time (BENCHMARKS.md, "Key uses recorded by the lookup").
 const LOOKUP: &str = r#"
 local P, h = ARGV[1], ARGV[2]
+local field = h
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -174,6 +184,7 @@ else
     return redis.error_reply('corrupt access token ' .. h)
   end
   if redis.call('HEXISTS', P .. 'user:{' .. id .. '}:tokens', h) == 0 then return false end
+  field = parent
   local raw = redis.call('HGET', P .. 'user:{' .. id .. '}:keys', parent)
   if not raw then return false end
   key = cjson.decode(raw)
@@ -191,6 +202,13 @@ end
 local u = redis.call('HMGET', P .. 'user:{' .. id .. '}', 'type', 'tenant', 'name',
   'disabled', 'grants', 'created_ms')
 if not (u[1] or u[2] or u[3] or u[4] or u[5] or u[6]) then return false end
+local last = key.last_used_ms
+if ARGV[3] and u[4] ~= '1' and (last == '' or (type(last) == 'string' and tonumber(last)
+    and tonumber(last) <= tonumber(ARGV[4]))) then
+  redis.call('HSET', P .. 'user:{' .. id .. '}:keys', field, cjson.encode({key_id = key.key_id,
+    slot = key.slot, created_ms = key.created_ms, expires_ms = key.expires_ms,
+    last_used_ms = ARGV[3]}))
+end
 return {kind .. '\n' .. id .. '\n' .. key.key_id .. '\n' .. deadline .. '\n' .. parent,
   u[1], u[2], u[3], u[4], u[5], u[6]}
 "#;
@@ -736,19 +754,29 @@ impl RedisStore {
         }
     }
 
-    pub async fn lookup(&self, hash: &TokenHash) -> Result<Option<Resolved>, StoreError> {
+    /// `use_at`: the time of the request this lookup serves, recorded as the key's use
+    /// in the same script (see [`LOOKUP`]); `None` writes nothing.
+    pub async fn lookup(
+        &self,
+        hash: &TokenHash,
+        use_at: Option<u64>,
+    ) -> Result<Option<Resolved>, StoreError> {
         let hex = hash.hex();
         let sha = self.scripts.lookup.get_hash();
         // Sized up front: grown argument by argument, the buffers took three reallocations.
-        let mut cmd = redis::Cmd::with_capacity(5, 7 + sha.len() + 1 + self.prefix.len() + 64);
+        let mut cmd = redis::Cmd::with_capacity(7, 7 + sha.len() + 1 + self.prefix.len() + 104);
         cmd.arg("EVALSHA")
             .arg(sha)
             .arg(0)
             .arg(&self.prefix)
             .arg(&hex[..]);
+        if let Some(at) = use_at {
+            cmd.arg(at).arg(at.saturating_sub(super::USE_RESOLUTION_MS));
+        }
         let cmd = &cmd;
         // After `SCRIPT FLUSH` (or a Redis that lost it) the script is loaded again and
-        // the lookup sent again.
+        // the lookup sent again. Read once more after a broken connection (`Call::Read`)
+        // even when it records a use: written twice, a use is the same use.
         let reply = self
             .call("lookup", Call::Read, move |mut conn| async move {
                 match cmd.query_async::<Value>(&mut conn).await {
