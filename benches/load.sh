@@ -40,7 +40,7 @@
 # SCENARIOS (comma-separated, default all: warm,h2c,upload,storm,tls,cold,miss; e.g.
 # SCENARIOS=warm for the warm-key comparison alone, which also skips making the 10,000
 # cold keys), BIN_B (a second campaign-gate binary: started beside the first on the same
-# store and backend, and run in the warm and cold scenarios as `campaign_gate_b`, interleaved with
+# store and backend, and run in the warm, cold and miss scenarios as `campaign_gate_b`, interleaved with
 # it and in alternating order, for an A/B of two builds under the same noise), BIN (the
 # campaign-gate binary, default the release build; with SKIP_BUILD=1 to measure a saved one).
 # Results: $OUT/results.md and the raw runs beside it.
@@ -819,18 +819,38 @@ MISS_LOOKUPS=""
 if want miss; then
   log "every request a miss: cache_ttl 1 ms, the $((2 * COLD_USERS)) cold keys rotated, $RUNS runs"
   lookups() { curl -fsS "http://127.0.0.1:$GATE_ADMIN_PORT/metrics" | awk '/^campaign_gate_store_lookups_total / { print $2 }'; }
+  restart_b() { # BIN_B restarted with GATE_EXTRA_ENV as given
+    kill "$GATE_B_PID" 2>/dev/null || true
+    wait "$GATE_B_PID" 2>/dev/null || true
+    forget "$GATE_B_PID"
+    launch_gate "$BIN_B" "$WORK/gate-b.toml" "$GATE_B_PORT" "$GATE_B_ADMIN_PORT" gate-b
+    GATE_B_PID=$LAUNCHED_PID
+  }
   stop_gate
   GATE_EXTRA_ENV="CAMPAIGN_GATE_AUTH_CACHE_TTL=1ms" start_gate
   warmup "$GATE_URL" "$WORK/miss.lua" "$WORK/cold_tokens.txt"
+  if [ -n "$BIN_B" ]; then # BIN_B the same way, its runs interleaved in alternating order
+    GATE_EXTRA_ENV="CAMPAIGN_GATE_AUTH_CACHE_TTL=1ms" restart_b
+    warmup "$GATE_B_URL" "$WORK/miss.lua" "$WORK/cold_tokens.txt"
+  fi
+  miss_a() { run_wrk campaign_gate_miss "$1" "$GATE_URL" "$GATE_PID" "$WORK/miss.lua" "$WORK/cold_tokens.txt"; }
+  miss_b() { run_wrk campaign_gate_b_miss "$1" "$GATE_B_URL" "$GATE_B_PID" "$WORK/miss.lua" "$WORK/cold_tokens.txt"; }
   l0=$(lookups)
   for run in $(seq 1 "$RUNS"); do
-    run_wrk campaign_gate_miss "$run" "$GATE_URL" "$GATE_PID" "$WORK/miss.lua" "$WORK/cold_tokens.txt"
+    if [ -z "$BIN_B" ]; then
+      miss_a "$run"
+    elif ((run % 2)); then
+      miss_a "$run" && miss_b "$run"
+    else
+      miss_b "$run" && miss_a "$run"
+    fi
   done
   l1=$(lookups)
   miss_requests=$(cat "$OUT"/campaign_gate_miss.run*.txt | sed -n 's/^RESULT requests=\([0-9]*\).*/\1/p' | awk '{ s += $1 } END { print s + 0 }')
   MISS_LOOKUPS=$(awk -v l=$((l1 - l0)) -v n="$miss_requests" 'BEGIN { if (n > 0) printf "%.2f", l / n; else print "-" }')
   stop_gate
   start_gate
+  [ -z "$BIN_B" ] || restart_b
 fi
 
 # ---- report ---------------------------------------------------------------------------
@@ -853,7 +873,7 @@ GATE_RPS=$(median_of "$RUNS_TSV" campaign_gate 3)
   echo
   echo "| scenario | req/s | p50 ms | p99 ms | p99.9 ms | proxy CPU s / 10k req | vs nginx proxy_pass | vs nginx auth_request |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|"
-  for s in backend nginx_proxy_pass nginx_auth_request nginx_auth_service campaign_gate campaign_gate_b campaign_gate_cold campaign_gate_b_cold campaign_gate_miss storm_baseline storm_control storm_revoking nginx_proxy_pass_tls campaign_gate_tls; do
+  for s in backend nginx_proxy_pass nginx_auth_request nginx_auth_service campaign_gate campaign_gate_b campaign_gate_cold campaign_gate_b_cold campaign_gate_miss campaign_gate_b_miss storm_baseline storm_control storm_revoking nginx_proxy_pass_tls campaign_gate_tls; do
     rps=$(median_of "$RUNS_TSV" "$s" 3)
     [ "$rps" = - ] && continue
     echo "| $s | $rps | $(median_of "$RUNS_TSV" "$s" 4) | $(median_of "$RUNS_TSV" "$s" 5) | $(median_of "$RUNS_TSV" "$s" 6) |" \
@@ -890,6 +910,10 @@ GATE_RPS=$(median_of "$RUNS_TSV" campaign_gate 3)
   if [ -n "$MISS_LOOKUPS" ]; then
     echo "Every request a miss (cache_ttl 1 ms, 10,000 keys rotated) / warm keys: $(ratio "$(median_of "$RUNS_TSV" campaign_gate_miss 3)" "$GATE_RPS") req/s," \
       "$(ratio "$(median_of "$RUNS_TSV" campaign_gate_miss 7)" "$(median_of "$RUNS_TSV" campaign_gate 7)") CPU per request; $MISS_LOOKUPS store lookups per request."
+  fi
+  if [ -n "$BIN_B" ] && [ "$(median_of "$RUNS_TSV" campaign_gate_b_miss 3)" != - ]; then
+    echo "Every request a miss A/B: B / A $(ratio "$(median_of "$RUNS_TSV" campaign_gate_b_miss 3)" "$(median_of "$RUNS_TSV" campaign_gate_miss 3)") req/s," \
+      "$(ratio "$(median_of "$RUNS_TSV" campaign_gate_b_miss 7)" "$(median_of "$RUNS_TSV" campaign_gate_miss 7)") CPU per request."
   fi
   if [ -n "$BIN_B" ] && [ "$(median_of "$RUNS_TSV" campaign_gate_b_cold 3)" != - ]; then
     echo "Cold keys A/B: B / A $(ratio "$(median_of "$RUNS_TSV" campaign_gate_b_cold 3)" "$(median_of "$RUNS_TSV" campaign_gate_cold 3)") req/s," \
