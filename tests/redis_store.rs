@@ -1268,7 +1268,7 @@ async fn a_requests_lookup_records_the_use_at_most_once_a_minute() {
     let lookup = |hash: TokenHash, at: u64| {
         let store = store.clone();
         async move {
-            let (found, recorded) = store.lookup_for_use(&hash, at).await.expect("lookup");
+            let (found, recorded) = store.lookup_for_use(&hash, Some(at)).await.expect("lookup");
             assert!(recorded, "redis:// records the use in the lookup");
             found.expect("resolves")
         }
@@ -1343,6 +1343,82 @@ async fn a_requests_lookup_records_the_use_at_most_once_a_minute() {
         Some(t + 3 * MINUTE),
         "no use recorded for a disabled user"
     );
+}
+
+/// A lookup records the request's use only when this replica noted none within the
+/// minute: with a `cache_ttl` shorter than that, the key's first lookup passes the use
+/// to the script (two more arguments) and the lookups after its entry expired do not
+/// (Redis' `SLOWLOG`, at threshold 0, keeps each call's arguments).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_within_the_minute_of_a_noted_use_record_none() {
+    let redis = RedisServer::start();
+    let backend = RecordingBackend::start().await;
+    let store = admin(&redis).await;
+    let key = api_user(&store, "alice", &["events"]).await;
+    const TTL_MS: u64 = 50;
+    let settings = GatewaySettings::new(&redis.url(), &backend.url()).set(
+        "auth",
+        "cache_ttl",
+        &format!("\"{TTL_MS}ms\""),
+    );
+    let gw = start_gateway(&settings).await;
+    let mut conn = redis.conn().await;
+    for (arg, value) in [
+        ("slowlog-log-slower-than", "0"),
+        ("slowlog-max-len", "1000"),
+    ] {
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(arg)
+            .arg(value)
+            .query_async(&mut conn)
+            .await
+            .expect("CONFIG SET");
+    }
+    let () = redis::cmd("SLOWLOG")
+        .arg("RESET")
+        .query_async(&mut conn)
+        .await
+        .expect("SLOWLOG RESET");
+    let lookups = gw.gate.metrics.store_lookups.get();
+    for _ in 0..3 {
+        let sent = unix_ms();
+        assert_eq!(status(&gw, EVENTS, &key).await, 200);
+        // The next request finds the entry expired.
+        until_unix_ms(unix_ms().max(sent) + TTL_MS + 10).await;
+    }
+    assert_eq!(gw.gate.metrics.store_lookups.get() - lookups, 3, "lookups");
+
+    // SLOWLOG GET: newest first; each entry's fourth item is the command's arguments.
+    let log: Vec<Vec<redis::Value>> = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg(1000)
+        .query_async(&mut conn)
+        .await
+        .expect("SLOWLOG GET");
+    let hash = hex(&key);
+    let mut lookup_args: Vec<usize> = log
+        .iter()
+        .filter_map(|entry| match entry.get(3) {
+            Some(redis::Value::Array(args)) => Some(args),
+            _ => None,
+        })
+        .filter(|args| {
+            let text = |i: usize| match args.get(i) {
+                Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                _ => String::new(),
+            };
+            text(0).eq_ignore_ascii_case("evalsha") && text(2) == "0" && text(4) == hash
+        })
+        .map(Vec::len)
+        .collect();
+    lookup_args.reverse();
+    assert_eq!(
+        lookup_args,
+        [7, 5, 5],
+        "arguments of the three lookups: the first records the use"
+    );
+    gw.shutdown().await;
 }
 
 /// `SCRIPT FLUSH`: Redis forgets every loaded script, as after a restart.

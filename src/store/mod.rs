@@ -333,20 +333,21 @@ impl Store {
         }
     }
 
-    /// A request's lookup, made at `at_ms`: resolves as [`Store::lookup`] and answers
-    /// whether the key's use at `at_ms` is recorded by it. `redis://` records it in the
-    /// lookup's own script (written when the stored use is [`USE_RESOLUTION_MS`] or more
-    /// older, not for a disabled user): a key seen for the first time then costs one
-    /// script call, not a lookup and a key-use script. `file:` records none here (its
-    /// writes end with fsyncs); the key-use writer records those.
+    /// A request's lookup, its use of the key made at `at_ms` (`None`: no use to
+    /// record): resolves as [`Store::lookup`] and answers whether the use is recorded by
+    /// it. `redis://` records it in the lookup's own script (written when the stored use
+    /// is [`USE_RESOLUTION_MS`] or more older, not for a disabled user): a key seen for
+    /// the first time then costs one script call, not a lookup and a key-use script.
+    /// `file:` records none here (its writes end with fsyncs); the key-use writer
+    /// records those.
     pub async fn lookup_for_use(
         &self,
         hash: &TokenHash,
-        at_ms: u64,
+        at_ms: Option<u64>,
     ) -> Result<(Option<Resolved>, bool), StoreError> {
         match self {
             Store::File(s) => Ok((s.lookup(hash)?, false)),
-            Store::Redis(s) => Ok((s.lookup(hash, Some(at_ms)).await?, true)),
+            Store::Redis(s) => Ok((s.lookup(hash, at_ms).await?, at_ms.is_some())),
         }
     }
 
