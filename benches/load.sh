@@ -403,6 +403,26 @@ stop_gate() {
   wait "$GATE_PID" 2>/dev/null || true
   forget "$GATE_PID"
 }
+restart_b() { # BIN_B (re)started, with GATE_EXTRA_ENV as given
+  kill "$GATE_B_PID" 2>/dev/null || true
+  wait "$GATE_B_PID" 2>/dev/null || true
+  forget "$GATE_B_PID"
+  launch_gate "$BIN_B" "$WORK/gate-b.toml" "$GATE_B_PORT" "$GATE_B_ADMIN_PORT" gate-b
+  GATE_B_PID=$LAUNCHED_PID
+}
+# interleave fn_a fn_b: RUNS runs of fn_a, and with BIN_B of fn_b in alternating order.
+interleave() {
+  local run
+  for run in $(seq 1 "$RUNS"); do
+    if [ -z "$BIN_B" ]; then
+      "$1" "$run"
+    elif ((run % 2)); then
+      "$1" "$run" && "$2" "$run"
+    else
+      "$2" "$run" && "$1" "$run"
+    fi
+  done
+}
 start_gate
 code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $(head -1 "$WORK/warm_tokens.txt")" "http://127.0.0.1:$GATE_PORT$ROUTE")
 [ "$code" = 200 ] || die "campaign-gate answered $code to a warm key (want 200)"
@@ -800,24 +820,12 @@ if want cold; then
     STORE_CPU=1 run_wrk campaign_gate_cold "$1" "$GATE_URL" "$GATE_PID" "$WORK/cold.lua" "$WORK/cold_tokens.txt"
   }
   cold_b() { # BIN_B, restarted the same way (its own cache; the same keys)
-    kill "$GATE_B_PID" 2>/dev/null || true
-    wait "$GATE_B_PID" 2>/dev/null || true
-    forget "$GATE_B_PID"
-    launch_gate "$BIN_B" "$WORK/gate-b.toml" "$GATE_B_PORT" "$GATE_B_ADMIN_PORT" gate-b
-    GATE_B_PID=$LAUNCHED_PID
+    restart_b
     warmup "$GATE_B_URL"
     clear_uses
     STORE_CPU=1 run_wrk campaign_gate_b_cold "$1" "$GATE_B_URL" "$GATE_B_PID" "$WORK/cold.lua" "$WORK/cold_tokens.txt"
   }
-  for run in $(seq 1 "$RUNS"); do
-    if [ -z "$BIN_B" ]; then
-      cold_a "$run"
-    elif ((run % 2)); then
-      cold_a "$run" && cold_b "$run"
-    else
-      cold_b "$run" && cold_a "$run"
-    fi
-  done
+  interleave cold_a cold_b
 fi
 
 # ---- every request a miss --------------------------------------------------------------
@@ -829,13 +837,6 @@ MISS_LOOKUPS=""
 if want miss; then
   log "every request a miss: cache_ttl 1 ms, the $((2 * COLD_USERS)) cold keys rotated, $RUNS runs"
   lookups() { curl -fsS "http://127.0.0.1:$GATE_ADMIN_PORT/metrics" | awk '/^campaign_gate_store_lookups_total / { print $2 }'; }
-  restart_b() { # BIN_B restarted with GATE_EXTRA_ENV as given
-    kill "$GATE_B_PID" 2>/dev/null || true
-    wait "$GATE_B_PID" 2>/dev/null || true
-    forget "$GATE_B_PID"
-    launch_gate "$BIN_B" "$WORK/gate-b.toml" "$GATE_B_PORT" "$GATE_B_ADMIN_PORT" gate-b
-    GATE_B_PID=$LAUNCHED_PID
-  }
   stop_gate
   GATE_EXTRA_ENV="CAMPAIGN_GATE_AUTH_CACHE_TTL=1ms" start_gate
   warmup "$GATE_URL" "$WORK/miss.lua" "$WORK/cold_tokens.txt"
@@ -846,15 +847,7 @@ if want miss; then
   miss_a() { STORE_CPU=1 run_wrk campaign_gate_miss "$1" "$GATE_URL" "$GATE_PID" "$WORK/miss.lua" "$WORK/cold_tokens.txt"; }
   miss_b() { STORE_CPU=1 run_wrk campaign_gate_b_miss "$1" "$GATE_B_URL" "$GATE_B_PID" "$WORK/miss.lua" "$WORK/cold_tokens.txt"; }
   l0=$(lookups)
-  for run in $(seq 1 "$RUNS"); do
-    if [ -z "$BIN_B" ]; then
-      miss_a "$run"
-    elif ((run % 2)); then
-      miss_a "$run" && miss_b "$run"
-    else
-      miss_b "$run" && miss_a "$run"
-    fi
-  done
+  interleave miss_a miss_b
   l1=$(lookups)
   miss_requests=$(cat "$OUT"/campaign_gate_miss.run*.txt | sed -n 's/^RESULT requests=\([0-9]*\).*/\1/p' | awk '{ s += $1 } END { print s + 0 }')
   MISS_LOOKUPS=$(awk -v l=$((l1 - l0)) -v n="$miss_requests" 'BEGIN { if (n > 0) printf "%.2f", l / n; else print "-" }')

@@ -147,7 +147,8 @@ pub struct Metrics {
     pub connections_refused: Counter,
     pub auth_throttled: Counter,
     pub tls_reloads: Counter,
-    /// Store writes of key uses (one per user per batch).
+    /// The key-use writer's store writes (one per user per batch); a `redis://` lookup
+    /// that records its key's use is not one.
     pub key_use_writes: Counter,
     pub tls_reload_errors: Counter,
     flushes: Mutex<Vec<(&'static str, u64)>>,
@@ -211,7 +212,7 @@ impl Metrics {
         let counters: [(&str, &str, &Counter); 15] = [
             (
                 "campaign_gate_key_use_writes_total",
-                "Store writes recording when keys were last used (one per user per batch).",
+                "Key-use writer's store writes of when keys were last used (one per user per batch; uses a Redis lookup records itself are not counted).",
                 &self.key_use_writes,
             ),
             (
