@@ -139,8 +139,9 @@ end
 "#;
 
 /// Token hash -> its principal if it is a key that works now, or a working access token
-/// (records::UserRecords::resolve); read-only. Self-contained, without [`BASICS`] or
-/// [`PRELUDE`] (closures built on every call, and this runs on every cache miss), and
+/// (records::UserRecords::resolve); read-only unless given a use to record (below).
+/// Self-contained, without [`BASICS`] or [`PRELUDE`] (closures built on every call, and
+/// this runs on every cache miss), and
 /// Redis' clock is read only where a deadline needs it: for a deleted key (in grace) or
 /// an access token, not for an active key. Answers one flat array of [`LOOKUP_ITEMS`]
 /// strings: the head (five fields, none of which can hold a newline, joined by `\n` in
