@@ -759,7 +759,7 @@ impl RedisStore {
     }
 
     /// `use_at`: the time of the request this lookup serves, recorded as the key's use
-    /// in the same script (see [`LOOKUP`]); `None` writes nothing.
+    /// in the same script (see the `LOOKUP` script); `None` writes nothing.
     pub async fn lookup(
         &self,
         hash: &TokenHash,
