@@ -81,6 +81,17 @@ fn hex(token: &str) -> String {
     TokenHash::of(token.as_bytes()).to_hex()
 }
 
+/// The stored JSON of `user`'s key entry for the token hash `hash_hex` (`HGET`, not a
+/// script).
+async fn key_entry(conn: &mut MultiplexedConnection, user: &str, hash_hex: &str) -> String {
+    redis::cmd("HGET")
+        .arg(format!("cg:user:{{{user}}}:keys"))
+        .arg(hash_hex)
+        .query_async(conn)
+        .await
+        .expect("the key's entry")
+}
+
 /// Redis' clock in ms, the clock of every grace deadline.
 async fn redis_now_ms(conn: &mut MultiplexedConnection) -> u64 {
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.expect("TIME");
@@ -229,12 +240,7 @@ async fn lost_announcements_are_caught_by_the_seq_check_within_the_interval() {
     // A writer that died between its change and its announcement: key 1 gets a grace
     // deadline 1 s from now (Redis' clock) and cg:seq moves, but nothing is published.
     let deadline = redis_now_ms(&mut conn).await + 1000;
-    let raw: String = redis::cmd("HGET")
-        .arg(keys)
-        .arg(hex(&key1))
-        .query_async(&mut conn)
-        .await
-        .expect("key 1 entry");
+    let raw = key_entry(&mut conn, "alice", &hex(&key1)).await;
     let mut entry: serde_json::Value = serde_json::from_str(&raw).expect("JSON entry");
     entry["slot"] = "".into();
     entry["expires_ms"] = deadline.to_string().into();
@@ -393,17 +399,12 @@ async fn a_subscriber_that_stops_answering_is_replaced() {
 /// `HGET`, not a script.
 async fn last_use_recorded(redis: &RedisServer, user: &str, token: &str, since_ms: u64) {
     let conn = redis.conn().await;
-    let (keys, field) = (format!("cg:user:{{{user}}}:keys"), hex(token));
+    let field = hex(token);
     wait_until(Duration::from_secs(5), || {
         let mut conn = conn.clone();
-        let (keys, field) = (keys.clone(), field.clone());
+        let field = field.clone();
         async move {
-            let raw: String = redis::cmd("HGET")
-                .arg(keys)
-                .arg(field)
-                .query_async(&mut conn)
-                .await
-                .expect("key entry");
+            let raw = key_entry(&mut conn, user, &field).await;
             let entry: serde_json::Value = serde_json::from_str(&raw).expect("JSON entry");
             entry["last_used_ms"]
                 .as_str()
@@ -1301,40 +1302,22 @@ async fn a_requests_lookup_records_the_use_at_most_once_a_minute() {
     );
 
     // An entry whose time cannot be read is left as it is (and put back after).
-    let conn = redis.conn().await;
+    let mut conn = redis.conn().await;
     let (entries, field) = ("cg:user:{alice}:keys", key.to_hex());
-    let hget = |mut conn: MultiplexedConnection, field: String| async move {
-        let raw: String = redis::cmd("HGET")
-            .arg(entries)
-            .arg(field)
-            .query_async(&mut conn)
-            .await
-            .expect("HGET");
-        raw
-    };
-    let hset = |mut conn: MultiplexedConnection, field: String, raw: String| async move {
-        let () = redis::cmd("HSET")
-            .arg(entries)
-            .arg(field)
-            .arg(raw)
-            .query_async(&mut conn)
-            .await
-            .expect("HSET");
-    };
-    let entry = hget(conn.clone(), field.clone()).await;
+    let entry = key_entry(&mut conn, "alice", &field).await;
     let unreadable = entry.replace(
         &format!("\"last_used_ms\":\"{}\"", t + 3 * MINUTE),
         "\"last_used_ms\":\"soon\"",
     );
     assert_ne!(unreadable, entry);
-    hset(conn.clone(), field.clone(), unreadable.clone()).await;
+    raw(&redis, &["HSET", entries, &field, &unreadable]).await;
     lookup(key, t + 10 * MINUTE).await;
     assert_eq!(
-        hget(conn.clone(), field.clone()).await,
+        key_entry(&mut conn, "alice", &field).await,
         unreadable,
         "an unreadable time is not written over"
     );
-    hset(conn, field, entry).await;
+    raw(&redis, &["HSET", entries, &field, &entry]).await;
 
     store.set_disabled("alice", true).await.expect("disable");
     lookup(key, t + 5 * MINUTE).await;
@@ -1636,12 +1619,7 @@ async fn unreadable_records_fail_the_lookup_instead_of_resolving() {
     let mut conn = redis.conn().await;
     let entries = "cg:user:{alice}:keys";
     let (key_hex, tok) = (key_hash.to_hex(), format!("cg:tok:{}", token_hash.to_hex()));
-    let entry: String = redis::cmd("HGET")
-        .arg(entries)
-        .arg(&key_hex)
-        .query_async(&mut conn)
-        .await
-        .expect("the key's entry");
+    let entry = key_entry(&mut conn, "alice", &key_hex).await;
     let record: String = redis::cmd("GET")
         .arg(&tok)
         .query_async(&mut conn)
@@ -1691,12 +1669,7 @@ async fn an_unreadable_key_entry_does_not_fail_the_other_uses_of_a_batch() {
     let b = TokenHash::of(api_user(&store, "b", &["events"]).await.as_bytes());
     let c = TokenHash::of(api_user(&store, "c", &["events"]).await.as_bytes());
     let mut conn = redis.conn().await;
-    let entry_of_c: String = redis::cmd("HGET")
-        .arg("cg:user:{c}:keys")
-        .arg(c.to_hex())
-        .query_async(&mut conn)
-        .await
-        .expect("c's entry");
+    let entry_of_c = key_entry(&mut conn, "c", &c.to_hex()).await;
     raw(
         &redis,
         &["HSET", "cg:user:{a}:keys", &a.to_hex(), "not json"],
@@ -1722,12 +1695,7 @@ async fn an_unreadable_key_entry_does_not_fail_the_other_uses_of_a_batch() {
     let listed = store.keys("b").await.expect("b's keys");
     assert_eq!(listed[0].last_used_ms, Some(5_000), "b's use is written");
     for (user, hash, want) in [("a", a, "not json".to_string()), ("c", c, bad_time)] {
-        let stored: String = redis::cmd("HGET")
-            .arg(format!("cg:user:{{{user}}}:keys"))
-            .arg(hash.to_hex())
-            .query_async(&mut conn)
-            .await
-            .expect("entry");
+        let stored = key_entry(&mut conn, user, &hash.to_hex()).await;
         assert_eq!(stored, want, "{user}'s unreadable entry is left as it was");
     }
 }

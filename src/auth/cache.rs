@@ -48,7 +48,7 @@ use crate::auth::table::{self, Join, Table};
 use crate::auth::throttle::Throttle;
 use crate::config::AuthConfig;
 use crate::routes::{ApiSet, RouteTable};
-use crate::store::{Invalidation, KeyUse, Resolved, Store, TokenHash, UserType};
+use crate::store::{Invalidation, KeyUse, Resolved, Store, TokenHash, USE_RESOLUTION_MS, UserType};
 use crate::telemetry::Metrics;
 
 /// Number of generation stripes (a power of two).
@@ -406,13 +406,12 @@ pub struct Authenticator {
 /// Key uses queued for the writer at most (about 6 MB when full).
 const USES_QUEUE: usize = 65_536;
 
-pub use crate::store::USE_RESOLUTION_MS;
-
-/// Whether a use noted at `noted` may be recorded again at `now`.
+/// [`due`], for the use noted in `noted`.
 fn use_due(noted: &AtomicU64, now: u64) -> bool {
     due(noted.load(Ordering::Relaxed), now)
 }
 
+/// Whether a use noted at `noted` (ms; 0 = never) may be recorded again at `now`.
 fn due(noted: u64, now: u64) -> bool {
     now >= noted.saturating_add(USE_RESOLUTION_MS)
 }
@@ -420,7 +419,7 @@ fn due(noted: u64, now: u64) -> bool {
 /// Takes the right to record a use at `now`, if due and no other thread took it first.
 fn claim_use(noted: &AtomicU64, now: u64) -> bool {
     let seen = noted.load(Ordering::Relaxed);
-    now >= seen.saturating_add(USE_RESOLUTION_MS)
+    due(seen, now)
         && noted
             .compare_exchange(seen, now, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()

@@ -327,10 +327,7 @@ impl Store {
     /// Resolves a token hash to its user and key: `None` for an unknown token, a key past
     /// its deadline, or an expired access token. Writes nothing.
     pub async fn lookup(&self, hash: &TokenHash) -> Result<Option<Resolved>, StoreError> {
-        match self {
-            Store::File(s) => s.lookup(hash),
-            Store::Redis(s) => s.lookup(hash, None).await,
-        }
+        Ok(self.lookup_for_use(hash, None).await?.0)
     }
 
     /// A request's lookup, its use of the key made at `at_ms` (`None`: no use to
