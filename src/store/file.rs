@@ -24,7 +24,8 @@ use serde::{Deserialize, Serialize};
 
 use super::records::UserRecords;
 use super::{
-    AccessToken, KeyUse, NewUser, Resolved, Revocation, SecretKey, StoreError, TokenHash, User,
+    AccessToken, KeyUse, NewUser, Owner, Resolved, Revocation, SecretKey, StoreError, TokenHash,
+    User,
 };
 
 /// The only file format this version reads and writes.
@@ -171,7 +172,7 @@ impl FileStore {
         Ok(records
             .resolve(hash, now_ms())
             .map(|(key_id, deadline_ms, parent)| Resolved {
-                user: records.user.clone(),
+                user: Owner::from(&records.user),
                 key_id,
                 deadline_ms,
                 access_token: parent.is_some(),

@@ -52,7 +52,7 @@ use thread_local::ThreadLocal;
 
 use super::records::{self, UserRecords};
 use super::{
-    AccessToken, Invalidation, KeyUse, NewUser, Resolved, Revocation, SecretKey, StoreError,
+    AccessToken, Invalidation, KeyUse, NewUser, Owner, Resolved, Revocation, SecretKey, StoreError,
     TokenHash, User, UserType,
 };
 use crate::config::{ConfigError, StoreTls};
@@ -145,12 +145,13 @@ end
 /// Redis' clock is read only where a deadline needs it: for a deleted key (in grace) or
 /// an access token, not for an active key. Answers one string of [`LOOKUP_FIELDS`]
 /// fields joined by `\n` in one Lua concatenation: the head (five fields), then the
-/// user's [`USER_FIELDS`] (`\0` for a missing one). No field can hold a newline or be
-/// `\0`: ids, hashes, times and grants are restricted, and names have no control
-/// characters (records); one that does makes the answer the wrong length, a corrupt
-/// record. One string instead of an array of seven cost Redis 66k instead of 76k
-/// instructions (converting a Lua table to a reply looks up five type fields per table)
-/// and the gateway's reply parser about 1,000 instructions per item fewer.
+/// user's [`OWNER_FIELDS`] (`\0` for a missing one). No field can hold a newline or be
+/// `\0`: ids, hashes, times, tenants and grants are restricted (records); one that does
+/// makes the answer the wrong length, a corrupt record. One string instead of an array
+/// of seven cost Redis 66k instead of 74k instructions (converting a Lua table to a
+/// reply looks up five type fields per table) and the gateway's reply parser about
+/// 1,000 instructions per item fewer; leaving out the user's name and creation time,
+/// which authentication does not use, 59k (BENCHMARKS.md, "One string per lookup").
 /// Redis CPU per call (`redis-benchmark`, one run): 14.8 µs with [`BASICS`]' closures,
 /// 12.2 µs as it is, 9.3 µs for its three reads with no checks at all (docs/redis.md,
 /// "Reads", which also has why plain commands were not kept).
@@ -204,28 +205,30 @@ end
 if type(key.key_id) ~= 'string' or type(deadline) ~= 'string' then
   return redis.error_reply('corrupt key entry or access token of ' .. h)
 end
-local u = redis.call('HMGET', P .. 'user:{' .. id .. '}', 'type', 'tenant', 'name',
-  'disabled', 'grants', 'created_ms')
-if not (u[1] or u[2] or u[3] or u[4] or u[5] or u[6]) then return false end
+local u = redis.call('HMGET', P .. 'user:{' .. id .. '}', 'type', 'tenant', 'disabled', 'grants')
+if not (u[1] or u[2] or u[3] or u[4]) then return false end
 -- Times compared as digit strings (shorter is earlier): `tonumber` is `strtod`, and
 -- three of them cost Redis 3,000 instructions a lookup. The digits are checked last,
 -- only for a time that would be written over (a pattern costs as much again).
 local last, b = key.last_used_ms, ARGV[4]
-if b and u[4] ~= '1' and type(last) == 'string'
+if b and u[3] ~= '1' and type(last) == 'string'
     and (#last < #b or (#last == #b and last <= b)) and not string.find(last, '%D') then
   redis.call('HSET', P .. 'user:{' .. id .. '}:keys', field, cjson.encode({key_id = key.key_id,
     slot = key.slot, created_ms = key.created_ms, expires_ms = key.expires_ms,
     last_used_ms = ARGV[3]}))
 end
 return kind .. '\n' .. id .. '\n' .. key.key_id .. '\n' .. deadline .. '\n' .. parent .. '\n' ..
-  (u[1] or '\0') .. '\n' .. (u[2] or '\0') .. '\n' .. (u[3] or '\0') .. '\n' ..
-  (u[4] or '\0') .. '\n' .. (u[5] or '\0') .. '\n' .. (u[6] or '\0')
+  (u[1] or '\0') .. '\n' .. (u[2] or '\0') .. '\n' .. (u[3] or '\0') .. '\n' .. (u[4] or '\0')
 "#;
 
 /// The fields of [`LOOKUP`]'s answer: the head (`key`/`token`, the user id, the key id,
 /// an access token's parent's, the deadline, empty for none, and the parent key's hash,
-/// empty for a key), then the user hash's fields [`USER_FIELDS`], `\0` for a missing one.
-const LOOKUP_FIELDS: usize = 5 + USER_FIELDS.len();
+/// empty for a key), then the user hash's fields [`OWNER_FIELDS`], `\0` for a missing one.
+const LOOKUP_FIELDS: usize = 5 + OWNER_FIELDS.len();
+
+/// The fields of `cg:user:{<id>}` that [`LOOKUP`] reads, in its order: those of
+/// [`Owner`].
+const OWNER_FIELDS: [&str; 4] = ["type", "tenant", "disabled", "grants"];
 
 /// The fields of `cg:user:{<id>}`, in the order [`LOOKUP`] reads them.
 const USER_FIELDS: [&str; 6] = ["type", "tenant", "name", "disabled", "grants", "created_ms"];
@@ -1396,29 +1399,48 @@ fn decode_user(id: &str, flat: Value) -> Result<User, StoreError> {
 
 /// A user from the fields of its hash, in [`USER_FIELDS`] order.
 fn build_user(id: &str, fields: [Option<&str>; USER_FIELDS.len()]) -> Result<User, StoreError> {
+    let [kind, tenant, name, disabled, grants, created_ms] = fields;
+    let owner = build_owner(id, [kind, tenant, disabled, grants])?;
+    let missing = |i: usize| {
+        corrupt(
+            "user record",
+            &format!("user {id} has no {}", USER_FIELDS[i]),
+        )
+    };
+    Ok(User {
+        name: name.ok_or_else(|| missing(2))?.to_string(),
+        created_ms: parse_ms(created_ms.ok_or_else(|| missing(5))?, "user record")?,
+        id: owner.id,
+        kind: owner.kind,
+        tenant: owner.tenant,
+        disabled: owner.disabled,
+        grants: owner.grants,
+    })
+}
+
+/// A token's user from the fields of its hash, in [`OWNER_FIELDS`] order.
+fn build_owner(id: &str, fields: [Option<&str>; OWNER_FIELDS.len()]) -> Result<Owner, StoreError> {
     let what = "user record";
     let field = |i: usize| {
-        fields[i].ok_or_else(|| corrupt(what, &format!("user {id} has no {}", USER_FIELDS[i])))
+        fields[i].ok_or_else(|| corrupt(what, &format!("user {id} has no {}", OWNER_FIELDS[i])))
     };
     let kind: UserType = field(0)?.parse().map_err(|e: String| corrupt(what, &e))?;
-    let disabled = match field(3)? {
+    let disabled = match field(2)? {
         "0" => false,
         "1" => true,
         other => return Err(corrupt(what, &format!("disabled = {other:?}"))),
     };
-    let grants = field(4)?
+    let grants = field(3)?
         .split(',')
         .filter(|g| !g.is_empty())
         .map(str::to_string)
         .collect();
-    Ok(User {
+    Ok(Owner {
         id: id.to_string(),
         kind,
         tenant: field(1)?.to_string(),
-        name: field(2)?.to_string(),
         disabled,
         grants,
-        created_ms: parse_ms(field(5)?, what)?,
     })
 }
 
@@ -1450,7 +1472,7 @@ fn decode_lookup(hash: TokenHash, answer: &[u8]) -> Result<Resolved, StoreError>
         hash
     };
     Ok(Resolved {
-        user: build_user(id, user.map(|f| (f != "\0").then_some(f)))?,
+        user: build_owner(id, user.map(|f| (f != "\0").then_some(f)))?,
         key_id: key_id.to_string(),
         deadline_ms,
         access_token,
@@ -1581,10 +1603,8 @@ mod tests {
         Some(""),
         Some("api"),
         Some("acme"),
-        Some("Alice"),
         Some("0"),
         Some("campaigns,events"),
-        Some("1700000000000"),
     ];
 
     #[test]
@@ -1593,13 +1613,9 @@ mod tests {
         let r = decode_lookup(h, &answer(KEY)).expect("a key");
         assert_eq!(r.user.id, "alice");
         assert_eq!(r.user.kind, UserType::Api);
-        assert_eq!(
-            (r.user.tenant.as_str(), r.user.name.as_str()),
-            ("acme", "Alice")
-        );
+        assert_eq!(r.user.tenant, "acme");
         assert!(!r.user.disabled);
         assert_eq!(r.user.grants, ["campaigns", "events"]);
-        assert_eq!(r.user.created_ms, 1_700_000_000_000);
         assert_eq!((r.key_id.as_str(), r.deadline_ms), ("k-1", None));
         assert!(!r.access_token);
         assert_eq!(r.key_hash, h);
@@ -1611,8 +1627,8 @@ mod tests {
         token[0] = Some("token");
         token[3] = Some("1700000060000");
         token[4] = Some(&parent_hex);
-        token[8] = Some("1");
-        token[9] = Some("");
+        token[7] = Some("1");
+        token[8] = Some("");
         let r = decode_lookup(h, &answer(token)).expect("a token");
         assert!(r.access_token && r.user.disabled && r.user.grants.is_empty());
         assert_eq!(
@@ -1632,10 +1648,10 @@ mod tests {
         let mut cases = vec![
             (
                 "short",
-                answer(KEY)[..answer(KEY).len() - "\n1700000000000".len()].to_vec(),
+                answer(KEY)[..answer(KEY).len() - "\ncampaigns,events".len()].to_vec(),
             ),
             ("a key id with a newline", with(2, Some("k\n1"))),
-            ("a name with a newline", with(7, Some("Al\nice"))),
+            ("a tenant with a newline", with(6, Some("ac\nme"))),
             ("long", [answer(KEY), b"\nx".to_vec()].concat()),
             ("kind", with(0, Some("session"))),
             ("no user id", with(1, None)),
@@ -1643,8 +1659,8 @@ mod tests {
             ("deadline", with(3, Some("soon"))),
             ("type", with(5, Some("robot"))),
             ("no tenant", with(6, None)),
-            ("disabled", with(8, Some("yes"))),
-            ("created", with(10, Some("-1"))),
+            ("disabled", with(7, Some("yes"))),
+            ("no grants", with(8, None)),
             ("empty", Vec::new()),
         ];
         let mut token = KEY;
