@@ -230,7 +230,7 @@ const LOOKUP_FIELDS: usize = 5 + OWNER_FIELDS.len();
 /// [`Owner`].
 const OWNER_FIELDS: [&str; 4] = ["type", "tenant", "disabled", "grants"];
 
-/// The fields of `cg:user:{<id>}`, in the order [`LOOKUP`] reads them.
+/// The fields of `cg:user:{<id>}`, in the order [`build_user`] takes them.
 const USER_FIELDS: [&str; 6] = ["type", "tenant", "name", "disabled", "grants", "created_ms"];
 
 /// Records key uses: `KEYS[2]` the user's key entries, then `ARGV[3..]` pairs of key
