@@ -1391,14 +1391,14 @@ async fn lookups_within_the_minute_of_a_noted_use_record_none() {
                 Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
                 _ => String::new(),
             };
-            text(0).eq_ignore_ascii_case("evalsha") && text(2) == "0" && text(4) == hash
+            text(0).eq_ignore_ascii_case("evalsha") && text(2) == "0" && text(3) == hash
         })
         .map(Vec::len)
         .collect();
     lookup_args.reverse();
     assert_eq!(
         lookup_args,
-        [7, 5, 5],
+        [6, 4, 4],
         "arguments of the three lookups: the first records the use"
     );
     gw.shutdown().await;
@@ -1513,6 +1513,43 @@ async fn uses_group_by_user_and_lookups_survive_a_script_flush() {
         store.lookup(&TokenHash::of(b"nobody")).await.ok(),
         Some(None)
     );
+}
+
+/// The lookup script carries `[store] prefix` in its source: any prefix works, quotes,
+/// backslashes, newlines and non-ASCII included, and stores with different prefixes on
+/// one Redis each find their own keys only.
+#[tokio::test]
+async fn lookups_find_their_own_prefixs_keys_whatever_its_bytes() {
+    let redis = RedisServer::start();
+    let odd = "it's \\ \"odd\"\n:\u{e9}\u{0}:";
+    let plain = admin(&redis).await;
+    let other = Store::open(&redis.url(), odd, Duration::from_secs(5))
+        .await
+        .expect("open the store with an odd prefix");
+    let mine = TokenHash::of(api_user(&plain, "a", &["events"]).await.as_bytes());
+    let theirs = TokenHash::of(api_user(&other, "a", &["campaigns"]).await.as_bytes());
+    let mut conn = redis.conn().await;
+    let stored: bool = redis::cmd("EXISTS")
+        .arg(format!("{odd}key:{}", theirs.to_hex()))
+        .query_async(&mut conn)
+        .await
+        .expect("EXISTS");
+    assert!(stored, "the key is stored under the odd prefix");
+    for (store, found, missing, grants) in [
+        (&plain, mine, theirs, "events"),
+        (&other, theirs, mine, "campaigns"),
+    ] {
+        let r = store
+            .lookup(&found)
+            .await
+            .expect("lookup")
+            .expect("its own key");
+        assert_eq!(
+            (r.user.id.as_str(), r.user.grants.as_slice()),
+            ("a", &[grants.to_string()][..])
+        );
+        assert_eq!(store.lookup(&missing).await.expect("lookup"), None);
+    }
 }
 
 /// Each thread that runs a current-thread runtime (a gateway worker) has a command

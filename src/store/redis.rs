@@ -157,15 +157,15 @@ end
 /// "Reads", which also has why plain commands were not kept).
 ///
 /// A request's lookup also records the key's use (the parent key's, for an access
-/// token): `ARGV[3]` is the gateway's time of the request, and the key entry's
-/// `last_used_ms` is set to it when the stored time is `ARGV[4]` (a minute before) or
+/// token): `ARGV[2]` is the gateway's time of the request, and the key entry's
+/// `last_used_ms` is set to it when the stored time is `ARGV[3]` (a minute before) or
 /// earlier, so a key's use is written at most once a minute whatever the number of
 /// replicas; not for a disabled user (refused), nor into an entry whose time cannot be
 /// read. The same write as [`RECORD_USES`], without a second script call per new key:
 /// one call instead of two cost Redis 91k instructions instead of 128k for a key seen for
 /// the first time (BENCHMARKS.md, "Key uses recorded by the lookup").
 const LOOKUP: &str = r#"
-local P, h = ARGV[1], ARGV[2]
+local P, h = PREFIX, ARGV[1]
 local field = h
 local function now_ms()
   local t = redis.call('TIME')
@@ -210,12 +210,12 @@ if not (u[1] or u[2] or u[3] or u[4]) then return false end
 -- Times compared as digit strings (shorter is earlier): `tonumber` is `strtod`, and
 -- three of them cost Redis 3,000 instructions a lookup. The digits are checked last,
 -- only for a time that would be written over (a pattern costs as much again).
-local last, b = key.last_used_ms, ARGV[4]
+local last, b = key.last_used_ms, ARGV[3]
 if b and u[3] ~= '1' and type(last) == 'string'
     and (#last < #b or (#last == #b and last <= b)) and not string.find(last, '%D') then
   redis.call('HSET', P .. 'user:{' .. id .. '}:keys', field, cjson.encode({key_id = key.key_id,
     slot = key.slot, created_ms = key.created_ms, expires_ms = key.expires_ms,
-    last_used_ms = ARGV[3]}))
+    last_used_ms = ARGV[2]}))
 end
 return kind .. '\n' .. id .. '\n' .. key.key_id .. '\n' .. deadline .. '\n' .. parent .. '\n' ..
   (u[1] or '\0') .. '\n' .. (u[2] or '\0') .. '\n' .. (u[3] or '\0') .. '\n' .. (u[4] or '\0')
@@ -493,8 +493,9 @@ struct Scripts {
 }
 
 impl Scripts {
-    fn new() -> Scripts {
-        let lookup = LOOKUP.to_string();
+    /// `prefix`: `[store] prefix`, written into the lookup's source (see [`lookup_source`]).
+    fn new(prefix: &str) -> Scripts {
+        let lookup = lookup_source(prefix);
         let record_uses = format!("{BASICS}{RECORD_USES}");
         let s = |body: &str| Script::new(&format!("{BASICS}{PRELUDE}{body}"));
         Scripts {
@@ -525,6 +526,21 @@ impl Scripts {
         }
         load
     }
+}
+
+/// [`LOOKUP`] with the key prefix in its source, as a Lua string of decimal escapes (any
+/// bytes are safe in it), instead of an argument of every call: one argument fewer cost
+/// Redis about 2,000 of a lookup's 59,000 instructions (BENCHMARKS.md, "One string per
+/// lookup"). Gateways on one Redis with different prefixes load different scripts.
+fn lookup_source(prefix: &str) -> String {
+    use std::fmt::Write;
+    let mut literal = String::with_capacity(2 + 4 * prefix.len());
+    literal.push('\'');
+    for b in prefix.bytes() {
+        let _ = write!(literal, "\\{b}");
+    }
+    literal.push('\'');
+    LOOKUP.replacen("PREFIX", &literal, 1)
 }
 
 /// One key entry as stored in `cg:user:{<id>}:keys`: every field a string, empty for
@@ -603,7 +619,7 @@ impl RedisStore {
             timeout,
             slots: ThreadLocal::new(),
             shared: Slot::default(),
-            scripts: Scripts::new(),
+            scripts: Scripts::new(prefix),
         })
     }
 
@@ -776,12 +792,8 @@ impl RedisStore {
         let hex = hash.hex();
         let sha = self.scripts.lookup.get_hash();
         // Sized up front: grown argument by argument, the buffers took three reallocations.
-        let mut cmd = redis::Cmd::with_capacity(7, 7 + sha.len() + 1 + self.prefix.len() + 104);
-        cmd.arg("EVALSHA")
-            .arg(sha)
-            .arg(0)
-            .arg(&self.prefix)
-            .arg(&hex[..]);
+        let mut cmd = redis::Cmd::with_capacity(6, 7 + sha.len() + 1 + 104);
+        cmd.arg("EVALSHA").arg(sha).arg(0).arg(&hex[..]);
         if let Some(at) = use_at {
             cmd.arg(at).arg(at.saturating_sub(super::USE_RESOLUTION_MS));
         }
