@@ -1413,15 +1413,14 @@ fn decode_user(id: &str, flat: Value) -> Result<User, StoreError> {
 fn build_user(id: &str, fields: [Option<&str>; USER_FIELDS.len()]) -> Result<User, StoreError> {
     let [kind, tenant, name, disabled, grants, created_ms] = fields;
     let owner = build_owner(id, [kind, tenant, disabled, grants])?;
-    let missing = |i: usize| {
-        corrupt(
-            "user record",
-            &format!("user {id} has no {}", USER_FIELDS[i]),
-        )
-    };
     Ok(User {
-        name: name.ok_or_else(|| missing(2))?.to_string(),
-        created_ms: parse_ms(created_ms.ok_or_else(|| missing(5))?, "user record")?,
+        name: name
+            .ok_or_else(|| no_field(id, USER_FIELDS[2]))?
+            .to_string(),
+        created_ms: parse_ms(
+            created_ms.ok_or_else(|| no_field(id, USER_FIELDS[5]))?,
+            "user record",
+        )?,
         id: owner.id,
         kind: owner.kind,
         tenant: owner.tenant,
@@ -1430,12 +1429,15 @@ fn build_user(id: &str, fields: [Option<&str>; USER_FIELDS.len()]) -> Result<Use
     })
 }
 
+/// A user record without `field`.
+fn no_field(id: &str, field: &str) -> StoreError {
+    corrupt("user record", &format!("user {id} has no {field}"))
+}
+
 /// A token's user from the fields of its hash, in [`OWNER_FIELDS`] order.
 fn build_owner(id: &str, fields: [Option<&str>; OWNER_FIELDS.len()]) -> Result<Owner, StoreError> {
     let what = "user record";
-    let field = |i: usize| {
-        fields[i].ok_or_else(|| corrupt(what, &format!("user {id} has no {}", OWNER_FIELDS[i])))
-    };
+    let field = |i: usize| fields[i].ok_or_else(|| no_field(id, OWNER_FIELDS[i]));
     let kind: UserType = field(0)?.parse().map_err(|e: String| corrupt(what, &e))?;
     let disabled = match field(2)? {
         "0" => false,
