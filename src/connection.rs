@@ -1,6 +1,7 @@
 //! One downstream connection's lifetime: the per-address connection limit, the HTTP/1
-//! framing guard in front of hyper ([`GuardedIo`], rules in [`crate::framing`]), the
-//! idle timeout, and the graceful close on shutdown. HTTP itself is hyper's.
+//! framing guard in front of hyper ([`GuardedIo`], rules in [`crate::framing`]) with
+//! the HTTP/1 header timeout, the idle timeout, and the graceful close on shutdown.
+//! HTTP itself is hyper's.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -9,7 +10,7 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use std::task::ready;
@@ -143,7 +144,8 @@ impl IoCounts {
 /// after which hyper closes; nothing after the refused head is read.
 ///
 /// Bytes go straight into hyper's buffer; only a head split over reads is held back
-/// (copied) until it is complete.
+/// (copied) until it is complete. It also keeps `header_read_timeout` for every HTTP/1
+/// head (a read error ends the connection without an answer, as hyper's timer did).
 pub struct GuardedIo<T> {
     inner: T,
     counts: Arc<IoCounts>,
@@ -156,16 +158,19 @@ pub struct GuardedIo<T> {
     clear: usize,
     /// A head was refused: nothing more is read.
     cut: bool,
-    /// Until the first head is complete, hyper's own header timer is not running
-    /// (hyper-util has not yet seen enough to choose HTTP/1 or HTTP/2): while it holds
-    /// an incomplete first head, the guard keeps `header_read_timeout` itself.
-    first_head: FirstHead,
-}
-
-/// The header timer of the first head: its deadline, then its sleep once needed.
-enum FirstHead {
-    Due(tokio::time::Instant),
-    Timing(Pin<Box<tokio::time::Sleep>>),
+    /// `header_read_timeout`: how long a head may take, counted from when the guard
+    /// first found no bytes of it to read (for the first head: from the accept).
+    /// hyper's own header timer is off (`server::connection_builder`): it set and
+    /// dropped a timer for every request, and this one is set once per connection.
+    header_timeout: Duration,
+    /// When the wait for the head now due began; `None`: not waiting yet.
+    waiting_since: Option<tokio::time::Instant>,
+    /// The head (by index) that `waiting_since` is for.
+    waiting_for: u64,
+    /// The connection's one header timer, made at its first wait. Its deadline only
+    /// ever lags the real one (heads come in order), so it may fire early, and is then
+    /// moved on; it is never reset while heads arrive on time.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<T> GuardedIo<T> {
@@ -185,7 +190,10 @@ impl<T> GuardedIo<T> {
                 given: 0,
                 clear: 0,
                 cut: false,
-                first_head: FirstHead::Due(tokio::time::Instant::now() + header_read_timeout),
+                header_timeout: header_read_timeout,
+                waiting_since: Some(tokio::time::Instant::now()),
+                waiting_for: 0,
+                timer: None,
             },
             counts,
         )
@@ -203,23 +211,40 @@ impl<T> GuardedIo<T> {
 }
 
 impl<T: AsyncRead + Unpin> GuardedIo<T> {
-    /// While the first head is incomplete: `Pending`, or the timeout error once
-    /// `header_read_timeout` passed since the connection was accepted (hyper would
-    /// close without answering, and so does this).
-    fn poll_first_head_timer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.framer.as_ref().is_none_or(|f| f.heads() > 0) {
+    /// Called when a read found nothing: while a head is due, `Pending` (the timer
+    /// armed), or the timeout error once `header_read_timeout` passed since the wait for
+    /// it began (hyper's timer closed without answering, and so does this). Inside a
+    /// body, or not following the stream (HTTP/2): `Pending`.
+    fn poll_head_timer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(framer) = &self.framer else {
+            return Poll::Pending;
+        };
+        if !framer.in_head() {
             return Poll::Pending;
         }
-        if let FirstHead::Due(at) = self.first_head {
-            self.first_head = FirstHead::Timing(Box::pin(tokio::time::sleep_until(at)));
+        let head = framer.heads();
+        if head != self.waiting_for {
+            self.waiting_for = head;
+            self.waiting_since = None;
         }
-        if let FirstHead::Timing(sleep) = &mut self.first_head {
-            ready!(sleep.as_mut().poll(cx));
+        let due = *self
+            .waiting_since
+            .get_or_insert_with(tokio::time::Instant::now)
+            + self.header_timeout;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        loop {
+            ready!(timer.as_mut().poll(cx));
+            if timer.deadline() >= due {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "header read timeout",
+                )));
+            }
+            // Set for an earlier head: move it to this one's deadline.
+            timer.as_mut().reset(due);
         }
-        Poll::Ready(Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "header read timeout",
-        )))
     }
 
     fn read_inner(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
@@ -262,7 +287,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
             if this.held.is_empty() {
                 // Straight into hyper's buffer: a head usually arrives whole.
                 let before = buf.filled().len();
-                ready!(this.read_inner(cx, buf))?;
+                if this.read_inner(cx, buf)?.is_pending() {
+                    return this.poll_head_timer(cx);
+                }
                 let new = &buf.filled()[before..];
                 if new.is_empty() {
                     return Poll::Ready(Ok(()));
@@ -297,7 +324,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
                 let mut chunk = [0u8; 4096];
                 let mut more = ReadBuf::new(&mut chunk);
                 if this.read_inner(cx, &mut more)?.is_pending() {
-                    return this.poll_first_head_timer(cx);
+                    return this.poll_head_timer(cx);
                 }
                 if more.filled().is_empty() {
                     // The client closed inside a head: hyper sees a clean end.
@@ -371,6 +398,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
 /// either direction for `idle` (checked every quarter of it, so an idle connection
 /// closes after between 1x and 1.25x `idle`).
 /// `graceful` asks the connection to finish its in-flight requests and close.
+///
+/// The idle tick and the shutdown signal keep the task's waker once polled, so on the
+/// wake-ups a busy connection gets (several per request) only the connection is polled;
+/// the other two are polled again when one of them has fired, or the waker changed.
 pub async fn drive<C, E>(
     conn: C,
     graceful: fn(Pin<&mut C>),
@@ -385,32 +416,60 @@ where
     let tick = (idle / 4).max(Duration::from_millis(10));
     let mut last = counts.activity.load(Ordering::Relaxed);
     let mut quiet = Duration::ZERO;
-    let mut closing = *shutdown.borrow();
+    let mut closing = *shutdown.borrow_and_update();
     if closing {
         graceful(conn.as_mut());
     }
-    loop {
-        tokio::select! {
-            r = conn.as_mut() => return r,
-            _ = shutdown.changed(), if !closing => {
+    // Seen by `stop` only; `probe` tells whether it may be ready without polling it.
+    let probe = shutdown.clone();
+    let mut stop = std::pin::pin!(async move {
+        let _ = shutdown.changed().await;
+    });
+    let mut ticker = std::pin::pin!(tokio::time::sleep(tick));
+    let mut polled_with: Option<Waker> = None;
+    std::future::poll_fn(|cx| {
+        loop {
+            if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+                return Poll::Ready(r);
+            }
+            if closing {
+                return Poll::Pending;
+            }
+            let registered = polled_with
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()));
+            if registered && !ticker.is_elapsed() && !probe.has_changed().unwrap_or(true) {
+                return Poll::Pending;
+            }
+            if !registered {
+                polled_with = Some(cx.waker().clone());
+            }
+            if stop.as_mut().poll(cx).is_ready() {
                 closing = true;
                 graceful(conn.as_mut());
+                continue;
             }
-            _ = tokio::time::sleep(tick), if !closing => {
-                let now = counts.activity.load(Ordering::Relaxed);
-                if now == last {
-                    quiet += tick;
-                    if quiet >= idle {
-                        closing = true;
-                        graceful(conn.as_mut());
-                    }
-                } else {
-                    last = now;
-                    quiet = Duration::ZERO;
+            if ticker.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let now = counts.activity.load(Ordering::Relaxed);
+            if now == last {
+                quiet += tick;
+                if quiet >= idle {
+                    closing = true;
+                    graceful(conn.as_mut());
+                    continue;
                 }
+            } else {
+                last = now;
+                quiet = Duration::ZERO;
             }
+            ticker.as_mut().reset(tokio::time::Instant::now() + tick);
+            // Polled at the top of the next round, which registers it.
+            polled_with = None;
         }
-    }
+    })
+    .await
 }
 
 #[cfg(test)]
@@ -475,6 +534,50 @@ mod tests {
             took >= last_io + idle && took <= last_io + idle + idle / 4,
             "{took:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_closes_at_once_while_the_idle_tick_keeps_running() {
+        let idle = Duration::from_secs(4);
+        let (tx, rx) = watch::channel(false);
+        let counts = Arc::new(IoCounts::default());
+        let busy = counts.clone();
+        // Busy (so not closed as idle) until the shutdown at 7 s, past a tick or more.
+        tokio::spawn(async move {
+            for _ in 0..7 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                busy.activity.fetch_add(1, Ordering::Relaxed);
+            }
+            let _ = tx.send(true);
+            // Kept open: the close is the signal's doing, not the sender's drop.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        });
+        let started = Instant::now();
+        drive(Conn { closing: false }, close, counts, idle, rx)
+            .await
+            .expect("ends");
+        assert_eq!(started.elapsed(), Duration::from_secs(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_shutdown_sender_closes_too() {
+        let (tx, rx) = watch::channel(false);
+        let started = Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            drop(tx);
+        });
+        let idle = Duration::from_secs(60);
+        drive(
+            Conn { closing: false },
+            close,
+            Arc::new(IoCounts::default()),
+            idle,
+            rx,
+        )
+        .await
+        .expect("ends");
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
     }
 
     #[test]

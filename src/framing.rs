@@ -108,6 +108,11 @@ impl Framer {
         self.heads
     }
 
+    /// True while the next bytes are (part of) a head, not a body.
+    pub fn in_head(&self) -> bool {
+        matches!(self.state, State::Head { .. })
+    }
+
     /// True once the scanner no longer follows the stream (everything is clear).
     pub fn passthrough(&self) -> bool {
         matches!(self.state, State::Passthrough)

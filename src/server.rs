@@ -183,7 +183,9 @@ fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(s.header_read_timeout)
+        // `header_read_timeout` is kept by the framing guard (`connection::GuardedIo`)
+        // with one timer per connection: hyper's made and dropped one per request.
+        .header_read_timeout(None)
         .max_buf_size(s.max_header_bytes.max(8192))
         .max_headers(s.max_headers)
         .half_close(true)

@@ -115,19 +115,12 @@ async fn header_drip_is_cut_by_header_read_timeout() {
     let stream = TcpStream::connect(arena.gateway.addr)
         .await
         .expect("connect");
-    let (mut read, mut write) = stream.into_split();
+    let (mut read, write) = stream.into_split();
     let started = Instant::now();
     // One byte every 2 s: each gap is short of any idle timeout, the whole head never is.
-    let drip = tokio::spawn(async move {
-        for byte in request.as_bytes() {
-            if write.write_all(&[*byte]).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
-    });
+    let dripping = tokio::spawn(drip(write, request, Duration::from_secs(2)));
     let (bytes, closed_at) = read_until_closed(&mut read, Duration::from_secs(15)).await;
-    drip.abort();
+    dripping.abort();
     let closed_after =
         closed_at.expect("the gateway never closed the dripping connection") - started;
     // hyper closes a connection whose head timed out without answering.
@@ -381,7 +374,7 @@ async fn idle_after_response(addr: SocketAddr, token: &str) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_is_cut_by_the_shorter_of_header_read_and_idle_timeout() {
-    // hyper arms `header_read_timeout` as soon as it waits for the next request head,
+    // The guard arms `header_read_timeout` as soon as it waits for the next request head,
     // so on HTTP/1 an idle keep-alive connection also ends when that runs out.
     let _turn = ONE_AT_A_TIME.lock().await;
     for (header_read, idle) in [("1s", "5s"), ("5s", "1s")] {
@@ -400,6 +393,110 @@ async fn idle_keep_alive_is_cut_by_the_shorter_of_header_read_and_idle_timeout()
             "header_read_timeout {header_read}, idle_timeout {idle}: closed after {after:?}"
         );
     }
+}
+
+/// Sends `head` on `write` one byte every `gap`, until the connection fails.
+async fn drip(mut write: tokio::net::tcp::OwnedWriteHalf, head: String, gap: Duration) {
+    for byte in head.as_bytes() {
+        if write.write_all(&[*byte]).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(gap).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_head_dripped_is_cut_by_header_read_timeout() {
+    // The timeout holds for every head of a keep-alive connection, not only its first:
+    // counted from when the gateway waits for the head, after the previous response.
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let arena = Arena::new(|b| b.set("server", "header_read_timeout", "\"1s\"")).await;
+    let stream = TcpStream::connect(arena.gateway.addr)
+        .await
+        .expect("connect");
+    let (mut read, mut write) = stream.into_split();
+    let request = format!(
+        "POST {EVENTS} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: 0\r\n\r\n",
+        arena.mallory
+    );
+    for _ in 0..2 {
+        write.write_all(request.as_bytes()).await.expect("write");
+        let mut bytes = Vec::new();
+        let mut buf = [0u8; 4096];
+        while parse_response(&bytes, false).is_none() {
+            let n = read.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed before the response");
+            bytes.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(
+            parse_response(&bytes, false).map(|r| r.0.status.as_u16()),
+            Some(200)
+        );
+        // Within the timeout between requests: the connection stays open.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let answered = Instant::now() - Duration::from_millis(500);
+    // The third head, one byte every 300 ms: each gap is short, the head never completes.
+    let dripping = tokio::spawn(drip(write, request, Duration::from_millis(300)));
+    let (bytes, closed_at) = read_until_closed(&mut read, Duration::from_secs(10)).await;
+    dripping.abort();
+    let after = closed_at.expect("the dripping connection was never closed") - answered;
+    assert!(
+        bytes.is_empty(),
+        "answered: {:?}",
+        String::from_utf8_lossy(&bytes)
+    );
+    assert!(
+        after >= Duration::from_millis(950) && after < Duration::from_millis(1600),
+        "closed {after:?} after the second response; header_read_timeout is 1 s"
+    );
+    assert_eq!(
+        arena.mallorys_requests().len(),
+        2,
+        "only the two whole requests reach the backend"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_slower_than_header_read_timeout_still_answers_on_keep_alive() {
+    // The header timer runs only while a head is awaited: a request the backend takes
+    // longer than `header_read_timeout` to answer is not cut, nor is the next one on
+    // the same connection.
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let backend = RecordingBackend::builder()
+        .delay(Duration::from_millis(1500))
+        .start()
+        .await;
+    let env = TestEnv::builder()
+        .upstream(&backend.url())
+        .set("server", "header_read_timeout", "\"1s\"")
+        .build();
+    let token = env.create_api_user("slowpoke", &["events"]);
+    let gateway = env.start_gateway().await;
+    let stream = TcpStream::connect(gateway.addr).await.expect("connect");
+    let (mut read, mut write) = stream.into_split();
+    for (i, body) in ["", "hello"].into_iter().enumerate() {
+        let request = format!(
+            "POST {EVENTS} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        write.write_all(request.as_bytes()).await.expect("write");
+        let mut bytes = Vec::new();
+        let mut buf = [0u8; 4096];
+        while parse_response(&bytes, false).is_none() {
+            let n = read.read(&mut buf).await.expect("read");
+            assert!(n > 0, "request {i}: closed before the response");
+            bytes.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(
+            parse_response(&bytes, false).map(|r| r.0.status.as_u16()),
+            Some(200),
+            "request {i}"
+        );
+    }
+    assert_eq!(backend.requests().len(), 2);
 }
 
 /// Opens `n` connections from `127.0.0.1` that never send a byte, 50 every 20 ms
