@@ -212,7 +212,7 @@ fn main() {
     for _ in 0..DECISIONS {
         let (mut req, mut resp) = (request.clone(), response.clone());
         let (b, n, ()) = count(|| {
-            headers::strip_for_upstream(&mut req, "x-campaign-", true);
+            headers::strip_for_upstream(&mut req, "x-campaign-", true, true);
             headers::strip_hop_by_hop(&mut resp);
         });
         (blocks, bytes) = (blocks + b, bytes + n);

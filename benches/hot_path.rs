@@ -270,7 +270,7 @@ fn headers(c: &mut Criterion) {
         g.bench_function(name, |b| {
             b.iter_batched_ref(
                 || head.clone(),
-                |h| campaign_gate::headers::strip_for_upstream(h, "x-campaign-", true),
+                |h| campaign_gate::headers::strip_for_upstream(h, "x-campaign-", true, true),
                 BatchSize::SmallInput,
             )
         });

@@ -79,16 +79,23 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// `x_forwarded_for`): CGI, WSGI, Rack and PHP backends map both `-` and `_` to `_`,
 /// so such a header would reach them as the one the gateway controls.
 ///
+/// The client's `X-Request-Id` goes too (the gateway writes its own after the map), and
+/// so do its `X-Forwarded-For/-Proto/-Host` when `drop_forwarded` (a peer that is not a
+/// trusted proxy: the gateway writes its own values). In the same walk, so the usual
+/// request, which carries none of them, costs no hash removal for them.
+///
 /// Runs before the gateway adds anything, so a client cannot nominate the gateway's own
 /// headers away.
 pub fn strip_for_upstream(
     headers: &mut HeaderMap,
     identity_prefix: &str,
     drop_authorization: bool,
+    drop_forwarded: bool,
 ) {
     let rules = RequestRules {
         prefix: identity_prefix.as_bytes(),
         drop_authorization,
+        drop_forwarded,
     };
     strip(headers, Some(&rules));
 }
@@ -97,11 +104,12 @@ pub fn strip_for_upstream(
 struct RequestRules<'a> {
     prefix: &'a [u8],
     drop_authorization: bool,
+    drop_forwarded: bool,
 }
 
 /// Every name a fixed rule removes, matched by position: [`HOP_BY_HOP`] (`Connection`
-/// first), then [`METHOD_OVERRIDE`], then `Authorization`.
-static FIXED: [HeaderName; 13] = [
+/// first), then [`METHOD_OVERRIDE`], `Authorization`, `X-Request-Id` and [`FORWARDED`].
+static FIXED: [HeaderName; 17] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::TE,
@@ -115,6 +123,10 @@ static FIXED: [HeaderName; 13] = [
     HeaderName::from_static("x-http-method"),
     HeaderName::from_static("x-method-override"),
     header::AUTHORIZATION,
+    X_REQUEST_ID,
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
 ];
 
 /// Why a name goes.
@@ -143,6 +155,10 @@ fn removal(name: &HeaderName, rules: Option<&RequestRules<'_>>) -> Option<Remova
         "x-http-method" => 10,
         "x-method-override" => 11,
         "authorization" if rules.is_some_and(|r| r.drop_authorization) => 12,
+        "x-request-id" => 13,
+        "x-forwarded-for" if rules.is_some_and(|r| r.drop_forwarded) => 14,
+        "x-forwarded-proto" if rules.is_some_and(|r| r.drop_forwarded) => 15,
+        "x-forwarded-host" if rules.is_some_and(|r| r.drop_forwarded) => 16,
         _ => {
             let prefix = rules.map_or(&b""[..], |r| r.prefix);
             return untrusted(name, prefix).then_some(Removal::Untrusted);
@@ -156,7 +172,7 @@ fn removal(name: &HeaderName, rules: Option<&RequestRules<'_>>) -> Option<Remova
 /// The common request has nothing to remove but `Authorization`: one walk and one hash
 /// removal, no allocation.
 fn strip(headers: &mut HeaderMap, rules: Option<&RequestRules<'_>>) {
-    let (mut fixed, mut untrusted) = (0u16, false);
+    let (mut fixed, mut untrusted) = (0u32, false);
     for k in headers.keys() {
         match removal(k, rules) {
             Some(Removal::Fixed(i)) => fixed |= 1 << i,
@@ -286,7 +302,7 @@ fn dashed_starts_with(name: &[u8], prefix: &[u8]) -> bool {
 /// `peer` is the connection's peer address as a header value ([`ip_header_value`]),
 /// computed once per connection.
 ///
-/// For any other peer the client's values go ([`remove_forwarded`]) and the forwarder
+/// For any other peer the client's values go ([`strip_for_upstream`]) and the forwarder
 /// writes the gateway's own after the map (`server::handle`).
 pub fn append_forwarded(headers: &mut HeaderMap, peer: &HeaderValue, proto: &'static str) {
     let peer_value = peer.clone();
@@ -313,14 +329,6 @@ pub fn append_forwarded(headers: &mut HeaderMap, peer: &HeaderValue, proto: &'st
         && let Some(host) = headers.get(header::HOST).cloned()
     {
         headers.insert(X_FORWARDED_HOST, host);
-    }
-}
-
-/// Removes the client's `X-Forwarded-For/-Proto/-Host`, which the gateway replaces for
-/// a peer that is not a trusted proxy.
-pub fn remove_forwarded(headers: &mut HeaderMap) {
-    for name in &FORWARDED {
-        headers.remove(name);
     }
 }
 
@@ -438,7 +446,7 @@ mod tests {
             ("X-Method-Override", "DELETE"),
             ("x-campaignx", "kept: other prefix"),
         ]);
-        strip_for_upstream(&mut h, "x-campaign-", false);
+        strip_for_upstream(&mut h, "x-campaign-", false, false);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-campaignx"]);
     }
@@ -455,7 +463,7 @@ mod tests {
             ("x_forwarded_for_extra", "kept: another name"),
             ("x_custom", "kept"),
         ]);
-        strip_for_upstream(&mut h, "x-campaign-", false);
+        strip_for_upstream(&mut h, "x-campaign-", false, false);
         let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
         assert_eq!(
@@ -467,15 +475,18 @@ mod tests {
     #[test]
     fn fixed_names_are_recognised_by_position() {
         let (hop_by_hop, overrides) = (HOP_BY_HOP, METHOD_OVERRIDE);
+        let (forwarded, request_id) = (FORWARDED, X_REQUEST_ID);
         let fixed: Vec<&HeaderName> = hop_by_hop
             .iter()
             .chain(&overrides)
-            .chain([&header::AUTHORIZATION])
+            .chain([&header::AUTHORIZATION, &request_id])
+            .chain(&forwarded)
             .collect();
         assert_eq!(fixed, FIXED.iter().collect::<Vec<_>>());
         let request = RequestRules {
             prefix: b"x-campaign-",
             drop_authorization: true,
+            drop_forwarded: true,
         };
         for (i, name) in FIXED.iter().enumerate() {
             assert_eq!(
@@ -486,8 +497,13 @@ mod tests {
             let hop_by_hop = (i < HOP_BY_HOP.len()).then_some(Removal::Fixed(i));
             assert_eq!(removal(name, None), hop_by_hop, "{name}");
         }
-        for name in [header::HOST, X_FORWARDED_FOR, X_REQUEST_ID] {
-            assert_eq!(removal(&name, Some(&request)), None, "{name}");
+        let trusted_peer = RequestRules {
+            prefix: b"x-campaign-",
+            drop_authorization: false,
+            drop_forwarded: false,
+        };
+        for name in [header::HOST, header::AUTHORIZATION, X_FORWARDED_FOR] {
+            assert_eq!(removal(&name, Some(&trusted_peer)), None, "{name}");
         }
     }
 
@@ -511,12 +527,12 @@ mod tests {
     #[test]
     fn authorization_dropped_only_when_asked() {
         let mut h = map(&[("authorization", "Bearer x"), ("connection", "close")]);
-        strip_for_upstream(&mut h, "x-campaign-", false);
+        strip_for_upstream(&mut h, "x-campaign-", false, false);
         assert_eq!(
             h.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
             ["authorization"]
         );
-        strip_for_upstream(&mut h, "x-campaign-", true);
+        strip_for_upstream(&mut h, "x-campaign-", true, false);
         assert!(h.is_empty());
     }
 
@@ -535,7 +551,7 @@ mod tests {
             ),
             ("x-keep", "1"),
         ]);
-        strip_for_upstream(&mut h, "x-campaign-", false);
+        strip_for_upstream(&mut h, "x-campaign-", false, false);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-keep"]);
     }
 
@@ -685,13 +701,19 @@ mod tests {
             }
 
             #[test]
-            fn request_side(h in header_map(), drop_authorization: bool) {
+            fn request_side(h in header_map(), drop_authorization: bool, drop_forwarded: bool) {
                 let (mut ours, mut theirs) = (h.clone(), h);
-                strip_for_upstream(&mut ours, "x-campaign-", drop_authorization);
+                strip_for_upstream(&mut ours, "x-campaign-", drop_authorization, drop_forwarded);
                 reference::strip_hop_by_hop(&mut theirs);
                 reference::strip_untrusted(&mut theirs, "x-campaign-");
                 if drop_authorization {
                     theirs.remove(header::AUTHORIZATION);
+                }
+                theirs.remove(X_REQUEST_ID);
+                if drop_forwarded {
+                    for name in &FORWARDED {
+                        theirs.remove(name);
+                    }
                 }
                 prop_assert_eq!(listed(&ours), listed(&theirs));
             }
@@ -703,16 +725,32 @@ mod tests {
     #[test]
     fn forwarded_removed_for_untrusted_appended_for_trusted() {
         let peer: IpAddr = "10.0.0.9".parse().expect("ip");
-        let mut h = map(&[
+        let client = [
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-proto", "https"),
             ("x-forwarded-host", "evil"),
+            ("x-request-id", "theirs"),
             ("host", "api.example"),
-        ]);
-        remove_forwarded(&mut h);
+        ];
+        let mut h = map(&client);
+        strip_for_upstream(&mut h, "x-campaign-", true, true);
         assert_eq!(
             h.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
             ["host"]
+        );
+        // A trusted proxy's values stay (appended to below); the request id never does.
+        let mut h = map(&client);
+        strip_for_upstream(&mut h, "x-campaign-", true, false);
+        let mut names = h.keys().map(HeaderName::as_str).collect::<Vec<_>>();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "host",
+                "x-forwarded-for",
+                "x-forwarded-host",
+                "x-forwarded-proto"
+            ]
         );
 
         let mut h = map(&[

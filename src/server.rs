@@ -712,6 +712,7 @@ async fn handle(
                 h,
                 &policy.identity.prefix,
                 !policy.config.upstream.forward_authorization,
+                !peer_trusted,
             );
             if let Some(host) = &policy.config.upstream.host {
                 if let Ok(v) = HeaderValue::from_str(host) {
@@ -725,13 +726,10 @@ async fn handle(
             }
             // The gateway's own headers are not inserted into the map (each insert
             // hashes, and the map would grow twice) but written after it by the
-            // forwarder; what the client sent under their names goes first. For a
+            // forwarder; what the client sent under their names went above. For a
             // trusted proxy, `X-Forwarded-*` are appended to in the map.
-            h.remove(X_REQUEST_ID);
             if peer_trusted {
                 headers::append_forwarded(h, &peer_header, proto);
-            } else {
-                headers::remove_forwarded(h);
             }
             head.uri = uri;
             let head = head;
