@@ -193,6 +193,7 @@ fn cache(c: &mut Criterion) {
                 std::borrow::Cow::Borrowed(head.uri.path()),
                 principal.clone(),
                 &policy.routes,
+                now_ms(),
             )
             .is_ok()
         })

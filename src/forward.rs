@@ -180,6 +180,10 @@ struct Conn {
     at: Vec<[usize; 4]>,
     /// How much room a read is given.
     read_size: usize,
+    /// The response timeout of the exchanges on this connection ([`within`]): made at
+    /// the first one that waits, and kept, so that an exchange does not make, register
+    /// and drop a timer of its own.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Conn {
@@ -190,6 +194,7 @@ impl Conn {
             out: Vec::with_capacity(1024),
             at: Vec::with_capacity(16),
             read_size: READ_RESERVE,
+            timer: None,
         }
     }
 
@@ -888,11 +893,15 @@ struct IdleSet {
     /// closes is closed here too, without a task per connection.
     watcher: Option<Waker>,
     watching: bool,
+    /// The watcher's ticks so far: the clock idle connections are aged by, so that
+    /// putting one back reads no clock.
+    ticks: u64,
 }
 
 struct Idle {
     conn: Conn,
-    since: Instant,
+    /// [`IdleSet::ticks`] when it was put back.
+    since: u64,
 }
 
 impl Forwarder {
@@ -942,13 +951,41 @@ impl Forwarder {
         head: &http::request::Parts,
         body: LimitedBody,
         added: Added<'_>,
+        sent: Instant,
     ) -> Result<Response<UpstreamBody>, Refusal> {
-        let exchange = self.pool.send(head, body, added);
-        match tokio::time::timeout(self.response_timeout, exchange).await {
-            Err(_) => Err(Refusal::UpstreamTimeout),
-            Ok(r) => r,
-        }
+        let due = tokio::time::Instant::from_std(sent) + self.response_timeout;
+        self.pool.send(head, body, added, due).await
     }
+}
+
+/// `fut`, or [`Refusal::UpstreamTimeout`] once `due` has passed. The wait is kept by
+/// `timer`, a connection's own ([`Conn`]), made here when it has none. Its deadline
+/// usually lags `due` (set by an earlier exchange, `due`s come in order): it then fires
+/// early at most once, and is moved on to `due`; one that is later (a shorter timeout
+/// since) is moved back at once.
+async fn within<F: Future>(
+    due: tokio::time::Instant,
+    timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    fut: F,
+) -> Result<F::Output, Refusal> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Ok(v));
+        }
+        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.deadline() > due {
+            timer.as_mut().reset(due);
+        }
+        loop {
+            ready!(timer.as_mut().poll(cx));
+            if timer.deadline() >= due {
+                return Poll::Ready(Err(Refusal::UpstreamTimeout));
+            }
+            timer.as_mut().reset(due);
+        }
+    })
+    .await
 }
 
 impl Pool {
@@ -957,16 +994,20 @@ impl Pool {
         head: &http::request::Parts,
         mut body: LimitedBody,
         added: Added<'_>,
+        due: tokio::time::Instant,
     ) -> Result<Response<UpstreamBody>, Refusal> {
         let (mut conn, framing) = loop {
             let (mut conn, reused) = match self.checkout() {
                 Some(c) => (c, true),
                 // Boxed: connecting is rare (the pool), and its future would otherwise
                 // sit inline in every request's.
-                None => (Box::pin(self.connect()).await?, false),
+                None => match tokio::time::timeout_at(due, Box::pin(self.connect())).await {
+                    Ok(c) => (c?, false),
+                    Err(_) => return Err(Refusal::UpstreamTimeout),
+                },
             };
             let framing = encode_head(head, added, &body, &mut conn.out);
-            match conn.io.write_all(&conn.out).await {
+            match within(due, &mut conn.timer, conn.io.write_all(&conn.out)).await? {
                 Ok(()) => break (conn, framing),
                 // The backend had closed an idle connection: no request reached it
                 // (at most part of a head), so another connection may take this one.
@@ -983,7 +1024,15 @@ impl Pool {
         if framing != RequestFraming::None {
             // Boxed: most requests have no body, and this future would otherwise sit
             // inline in every request's.
-            match Box::pin(send_body(&mut conn, &mut body, framing)).await? {
+            let mut timer = conn.timer.take();
+            let sent = within(
+                due,
+                &mut timer,
+                Box::pin(send_body(&mut conn, &mut body, framing)),
+            )
+            .await;
+            conn.timer = timer;
+            match sent?? {
                 Sent::All => {}
                 // The connection is not used again: the backend may still read the
                 // rest of a body that will not come.
@@ -996,7 +1045,7 @@ impl Pool {
                 break response;
             }
             conn.reserve();
-            match conn.io.read_buf(&mut conn.buf).await {
+            match within(due, &mut conn.timer, conn.io.read_buf(&mut conn.buf)).await? {
                 Ok(0) => {
                     tracing::debug!("upstream closed the connection before answering");
                     return Err(Refusal::UpstreamUnavailable);
@@ -1056,10 +1105,8 @@ impl Pool {
         if !alive {
             return;
         }
-        set.conns.push(Idle {
-            conn,
-            since: Instant::now(),
-        });
+        let since = set.ticks;
+        set.conns.push(Idle { conn, since });
         if !set.watching
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
@@ -1109,23 +1156,29 @@ impl Pool {
 
 /// Watches the idle connections of a pool: closes one the backend closed (or sent
 /// something on) as soon as its socket says so, and those idle for `idle_timeout`,
-/// checked every eighth of it (so a connection goes after between 1 and 1.125 times
-/// the timeout). Its waker is registered on every idle connection, so it runs only when
-/// one of them changes or the period ends. Ends with the pool.
+/// counted in ticks of an eighth of it (so a connection goes after between 1 and 1.125
+/// times the timeout; ticks are never early, only late on a busy worker). Its waker is
+/// registered on every idle connection, so it runs only when one of them changes or the
+/// period ends. Ends with the pool.
 async fn watch_idle(pool: std::sync::Weak<Pool>, idle_timeout: Duration) {
     let period = (idle_timeout / 8).max(Duration::from_millis(90));
+    // A connection put back after tick `k` has been idle for `periods` whole periods at
+    // tick `k + periods + 1`, at the earliest.
+    let periods =
+        u64::try_from(idle_timeout.as_nanos().div_ceil(period.as_nanos())).unwrap_or(u64::MAX);
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     std::future::poll_fn(|cx| {
         let Some(pool) = pool.upgrade() else {
             return Poll::Ready(());
         };
-        let mut expire = false;
+        let mut ticked = 0;
         while tick.poll_tick(cx).is_ready() {
-            expire = true;
+            ticked += 1;
         }
-        let now = Instant::now();
         let mut set = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        set.ticks += ticked;
+        let now = set.ticks;
         if !set
             .watcher
             .as_ref()
@@ -1133,9 +1186,8 @@ async fn watch_idle(pool: std::sync::Weak<Pool>, idle_timeout: Duration) {
         {
             set.watcher = Some(cx.waker().clone());
         }
-        set.conns.retain_mut(|i| {
-            !(expire && now.duration_since(i.since) >= idle_timeout) && i.conn.poll_idle(cx)
-        });
+        set.conns
+            .retain_mut(|i| !(ticked > 0 && now - i.since > periods) && i.conn.poll_idle(cx));
         Poll::Pending
     })
     .await

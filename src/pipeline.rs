@@ -282,7 +282,7 @@ pub async fn resolve_counted(
     client: IpAddr,
     now: u64,
 ) -> Result<Principal, Refusal> {
-    match auth.resolve(hash, routes).await {
+    match auth.resolve_at(hash, routes, now).await {
         Ok(p) => Ok(p),
         Err(AuthFailure::Unknown) => Err(failed_authentication(auth, client, now)),
         Err(AuthFailure::Unavailable) => Err(Refusal::AuthUnavailable { retry_after_s: 1 }),
@@ -312,15 +312,17 @@ pub async fn admit<'a>(
     if principal.valid_at(now) {
         auth.note_use(&principal, &hash, now);
     }
-    authorize(head, path, principal, &policy.routes)
+    authorize(head, path, principal, &policy.routes, now)
 }
 
-/// Route and grant checks for an authenticated principal.
+/// Route and grant checks for an authenticated principal, as of `now` (ms since the
+/// epoch: the request's one reading of the wall clock, taken before its lookup).
 pub fn authorize<'a>(
     head: &request::Parts,
     path: Cow<'a, str>,
     principal: Principal,
     routes: &RouteTable,
+    now: u64,
 ) -> Result<Admission<'a>, Rejection> {
     let refuse = |refusal, principal| {
         Err(Rejection {
@@ -328,7 +330,7 @@ pub fn authorize<'a>(
             principal: Some(principal),
         })
     };
-    if !principal.valid_at(now_ms()) {
+    if !principal.valid_at(now) {
         return refuse(Refusal::InvalidToken, principal);
     }
     if principal.user.kind == UserType::Ui {

@@ -637,7 +637,7 @@ async fn handle(
             None,
             outcome_of(refusal),
             resp.status().as_u16(),
-            started,
+            started.elapsed(),
         );
         return Ok(resp);
     }
@@ -683,7 +683,7 @@ async fn handle(
                 rejection.principal.as_ref(),
                 outcome_of(refusal),
                 resp.status().as_u16(),
-                started,
+                started.elapsed(),
             );
             return Ok(resp);
         }
@@ -703,7 +703,8 @@ async fn handle(
     let api_name = policy.routes.api_name(api);
     let method = head.method.clone();
 
-    let result = match path_and_query.map(|pq| worker.forwarder.upstream_uri(pq)) {
+    // The response head's time ends the request's latency too: one clock read for both.
+    let (result, ended) = match path_and_query.map(|pq| worker.forwarder.upstream_uri(pq)) {
         Some(uri) => {
             let mut head = head;
             let client_authority = head.uri.authority().cloned();
@@ -758,11 +759,15 @@ async fn handle(
             };
             let body = LimitedBody::new(body, max_body, policy.config.server.body_read_timeout);
             let sent = Instant::now();
-            let r = worker.forwarder.send(&head, body, [&own, forwarded]).await;
-            gate.metrics.upstream_seconds.observe(sent.elapsed());
-            r
+            let r = worker
+                .forwarder
+                .send(&head, body, [&own, forwarded], sent)
+                .await;
+            let answered = Instant::now();
+            gate.metrics.upstream_seconds.observe(answered - sent);
+            (r, answered)
         }
-        None => Err(Refusal::Internal),
+        None => (Err(Refusal::Internal), Instant::now()),
     };
 
     let (resp, outcome) = match result {
@@ -785,7 +790,7 @@ async fn handle(
         Some(&principal),
         outcome,
         resp.status().as_u16(),
-        started,
+        ended - started,
     );
     Ok(resp)
 }
@@ -821,7 +826,7 @@ async fn token_exchange(
         None,
         outcome_index,
         status,
-        started,
+        started.elapsed(),
     );
     resp
 }
@@ -837,9 +842,8 @@ fn finish(
     principal: Option<&crate::auth::Principal>,
     outcome: usize,
     status: u16,
-    started: Instant,
+    elapsed: Duration,
 ) {
-    let elapsed = started.elapsed();
     if tracing::enabled!(tracing::Level::INFO) {
         tracing::info!(
             request_id = request_id.to_str().unwrap_or(""),

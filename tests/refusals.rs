@@ -489,6 +489,38 @@ async fn backend_slower_than_request_timeout_is_upstream_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_exchange_on_a_reused_backend_connection_gets_the_whole_request_timeout() {
+    // The backend connection keeps one timer for its exchanges: set for the exchange
+    // before, it fires during the next one, or has fired while the connection was idle.
+    // Either way the next exchange still gets its whole `request_timeout` (500 ms) from
+    // its own start, and the backend's 300 ms are within it.
+    let backend = RecordingBackend::builder()
+        .delay(Duration::from_millis(300))
+        .start()
+        .await;
+    let env = TestEnv::builder()
+        .upstream(&backend.url())
+        .set("server", "request_timeout", "\"500ms\"")
+        // One worker, so one pool of backend connections.
+        .set("server", "workers", "1")
+        .build();
+    let token = env.create_api_user("alice", &["events"]);
+    let gateway = env.start_gateway().await;
+    for (i, pause) in [0, 0, 400, 0].into_iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let resp = Req::post(EVENTS).bearer(&token).send(gateway.addr).await;
+        assert_eq!(resp.status, 200, "request {i}: {:?}", resp.body);
+    }
+    assert_eq!(backend.requests().len(), 4);
+    assert_eq!(
+        backend.connections(),
+        1,
+        "the exchanges shared one backend connection"
+    );
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn campaign_statuses_switch_scope_refusals_to_401() {
     let fx = Fixture::with(|b| b.set("compat", "campaign_statuses", "true")).await;
     let resp = Req::get(CAMPAIGN_CONTENT)

@@ -570,7 +570,17 @@ impl Authenticator {
         hash: &TokenHash,
         routes: &RouteTable,
     ) -> Result<Principal, AuthFailure> {
-        let now = now_ms();
+        self.resolve_at(hash, routes, now_ms()).await
+    }
+
+    /// [`Authenticator::resolve`] with the cache read as of `now` (ms since the epoch),
+    /// the request's clock reading; a store lookup reads the clock afresh.
+    pub async fn resolve_at(
+        &self,
+        hash: &TokenHash,
+        routes: &RouteTable,
+        now: u64,
+    ) -> Result<Principal, AuthFailure> {
         if let Some(p) = self.front_get(hash, now) {
             self.metrics.cache_hits.inc();
             return Ok(p);
