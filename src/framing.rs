@@ -333,13 +333,28 @@ fn digits(v: &[u8]) -> Option<u64> {
 /// real parser (an allocation, but only for unusual targets).
 fn target_parses(target: &[u8]) -> bool {
     const MAX: usize = u16::MAX as usize - 1;
-    let plain =
-        |b: u8| matches!(b, 0x21 | 0x24..=0x3B | 0x3D | 0x3F..=0x5F | 0x61..=0x7A | 0x7C | 0x7E);
-    if target.first() == Some(&b'/') && target.len() <= MAX && target.iter().all(|&b| plain(b)) {
+    if target.first() == Some(&b'/')
+        && target.len() <= MAX
+        && target
+            .iter()
+            .fold(true, |ok, &b| ok & PLAIN_TARGET[usize::from(b)])
+    {
         return true;
     }
     http::Uri::try_from(target).is_ok()
 }
+
+/// The bytes valid in both a path and a query of an origin-form target, as a lookup
+/// table (a table and no branch per byte: about a third of the instructions of a match).
+const PLAIN_TARGET: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = matches!(b, 0x21 | 0x24..=0x3B | 0x3D | 0x3F..=0x5F | 0x61..=0x7A | 0x7C | 0x7E);
+        b += 1;
+    }
+    t
+};
 
 /// Advances through a chunked body: how many bytes of `buf` belong to it and whether it
 /// ended there; `None` where hyper's decoder would fail.
@@ -554,6 +569,22 @@ pub(crate) mod tests {
             scan_in_pieces(big.as_bytes(), 1000),
             (0, Some(Refusal::HeadersTooLarge), 0)
         );
+    }
+
+    /// The fast path never takes a target the `http` crate refuses, byte by byte.
+    #[test]
+    fn plain_target_bytes_are_ones_http_takes() {
+        for b in 0..=255u8 {
+            let target = [b'/', b'a', b, b'c'];
+            if PLAIN_TARGET[usize::from(b)] {
+                assert!(http::Uri::try_from(&target[..]).is_ok(), "byte {b:#04x}");
+            }
+            assert_eq!(
+                target_parses(&target),
+                http::Uri::try_from(&target[..]).is_ok(),
+                "byte {b:#04x}"
+            );
+        }
     }
 
     #[test]

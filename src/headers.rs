@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 
+use bytes::BytesMut;
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue};
 
@@ -380,19 +381,43 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 /// A new request id: 32 hex digits, a random half drawn once per thread and a
 /// per-thread counter half, so ids are unique across threads and replicas without
 /// coordination and without a shared counter on the request path.
+///
+/// Ids are carved from a per-thread slab of [`ID_SLAB`] ids: one allocation per that
+/// many ids instead of one each, and a clone (the response carries the id too) is a
+/// reference count instead of a second allocation.
 pub fn new_request_id() -> HeaderValue {
-    thread_local! {
-        static STATE: std::cell::Cell<(u64, u64)> = std::cell::Cell::new((uuid::Uuid::new_v4().as_u64_pair().0, 0));
+    struct Ids {
+        seed: [u8; 16],
+        n: u64,
+        slab: BytesMut,
     }
-    let (seed, n) = STATE.with(|s| {
-        let (seed, n) = s.get();
-        s.set((seed, n.wrapping_add(1)));
-        (seed, n)
+    thread_local! {
+        static IDS: std::cell::RefCell<Ids> = std::cell::RefCell::new(Ids {
+            seed: hex16(uuid::Uuid::new_v4().as_u64_pair().0),
+            n: 0,
+            slab: BytesMut::new(),
+        });
+    }
+    let id = IDS.with_borrow_mut(|ids| {
+        if ids.slab.capacity() < 32 {
+            ids.slab = BytesMut::with_capacity(32 * ID_SLAB);
+        }
+        let n = ids.n;
+        ids.n = n.wrapping_add(1);
+        ids.slab.extend_from_slice(&ids.seed);
+        ids.slab.extend_from_slice(&hex16(n));
+        ids.slab.split().freeze()
     });
-    let mut buf = [0u8; 32];
-    write_hex(&mut buf[..16], seed);
-    write_hex(&mut buf[16..], n);
-    HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
+    HeaderValue::from_maybe_shared(id).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// Request ids per slab: 4 KiB, held until its last id is dropped.
+const ID_SLAB: usize = 128;
+
+fn hex16(v: u64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    write_hex(&mut out, v);
+    out
 }
 
 fn write_hex(out: &mut [u8], v: u64) {
@@ -775,5 +800,21 @@ mod tests {
         let h = map(&[("x-request-id", "a"), ("x-request-id", "b")]);
         assert_eq!(request_id(&h).len(), 32);
         assert_ne!(new_request_id(), new_request_id());
+    }
+
+    #[test]
+    fn new_request_ids_are_unique_hex_across_slabs() {
+        let ids: Vec<HeaderValue> = (0..3 * ID_SLAB + 5).map(|_| new_request_id()).collect();
+        let seed = &ids[0].as_bytes()[..16];
+        for (i, id) in ids.iter().enumerate() {
+            let b = id.as_bytes();
+            assert_eq!(b.len(), 32, "{id:?}");
+            assert!(b.iter().all(u8::is_ascii_hexdigit), "{id:?}");
+            assert_eq!(&b[..16], seed, "one random half per thread");
+            if let Some(next) = ids.get(i + 1) {
+                let n = |v: &HeaderValue| u64::from_str_radix(&v.to_str().ok()?[16..], 16).ok();
+                assert_eq!(n(next), n(id).map(|n| n + 1), "a counter half");
+            }
+        }
     }
 }
