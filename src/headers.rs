@@ -382,7 +382,7 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 /// per-thread counter half, so ids are unique across threads and replicas without
 /// coordination and without a shared counter on the request path.
 ///
-/// Ids are carved from a per-thread slab of [`ID_SLAB`] ids: one allocation per that
+/// Ids are carved from a per-thread slab of 128 ids (`ID_SLAB`): one allocation per that
 /// many ids instead of one each, and a clone (the response carries the id too) is a
 /// reference count instead of a second allocation.
 pub fn new_request_id() -> HeaderValue {

@@ -118,17 +118,8 @@ async fn header_drip_is_cut_by_header_read_timeout() {
     let (mut read, write) = stream.into_split();
     let started = Instant::now();
     // One byte every 2 s: each gap is short of any idle timeout, the whole head never is.
-    let dripping = tokio::spawn(drip(write, request, Duration::from_secs(2)));
-    let (bytes, closed_at) = read_until_closed(&mut read, Duration::from_secs(15)).await;
-    dripping.abort();
     let closed_after =
-        closed_at.expect("the gateway never closed the dripping connection") - started;
-    // hyper closes a connection whose head timed out without answering.
-    assert!(
-        bytes.is_empty(),
-        "answered: {:?}",
-        String::from_utf8_lossy(&bytes)
-    );
+        drip_until_cut(&mut read, write, request, Duration::from_secs(2), 15).await - started;
     assert!(
         closed_after >= Duration::from_millis(2900) && closed_after < Duration::from_millis(4500),
         "closed after {closed_after:?}; header_read_timeout is 3 s"
@@ -345,6 +336,26 @@ async fn target_over_max_uri_bytes_gets_414() {
     assert_eq!(reply.response().status, 200, "1024-byte target");
 }
 
+/// Writes `request` and reads its whole response head (a response without a body, or
+/// whose body came in the same reads); returns its status.
+async fn exchange(
+    read: &mut tokio::net::tcp::OwnedReadHalf,
+    write: &mut tokio::net::tcp::OwnedWriteHalf,
+    request: &str,
+) -> u16 {
+    write.write_all(request.as_bytes()).await.expect("write");
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some((resp, _)) = parse_response(&bytes, false) {
+            return resp.status.as_u16();
+        }
+        let n = read.read(&mut buf).await.expect("read");
+        assert!(n > 0, "closed before the response");
+        bytes.extend_from_slice(&buf[..n]);
+    }
+}
+
 /// Sends one request on a new connection, reads its response, then keeps the
 /// connection idle; returns how long after the response the gateway closed it.
 async fn idle_after_response(addr: SocketAddr, token: &str) -> Duration {
@@ -354,14 +365,7 @@ async fn idle_after_response(addr: SocketAddr, token: &str) -> Duration {
         "POST {EVENTS} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {token}\r\n\
          Content-Length: 0\r\n\r\n"
     );
-    write.write_all(request.as_bytes()).await.expect("write");
-    let mut bytes = Vec::new();
-    let mut buf = [0u8; 4096];
-    while parse_response(&bytes, false).is_none() {
-        let n = read.read(&mut buf).await.expect("read");
-        assert!(n > 0, "closed before the response");
-        bytes.extend_from_slice(&buf[..n]);
-    }
+    exchange(&mut read, &mut write, &request).await;
     let answered = Instant::now();
     let (rest, closed) = read_until_closed(&mut read, Duration::from_secs(10)).await;
     assert!(
@@ -405,6 +409,27 @@ async fn drip(mut write: tokio::net::tcp::OwnedWriteHalf, head: String, gap: Dur
     }
 }
 
+/// Drips `head` (see [`drip`]) until the gateway closes the connection, which it must
+/// do within `within_s` seconds and without answering (a timed-out head gets none);
+/// returns when it closed.
+async fn drip_until_cut(
+    read: &mut tokio::net::tcp::OwnedReadHalf,
+    write: tokio::net::tcp::OwnedWriteHalf,
+    head: String,
+    gap: Duration,
+    within_s: u64,
+) -> Instant {
+    let dripping = tokio::spawn(drip(write, head, gap));
+    let (bytes, closed_at) = read_until_closed(read, Duration::from_secs(within_s)).await;
+    dripping.abort();
+    assert!(
+        bytes.is_empty(),
+        "answered: {:?}",
+        String::from_utf8_lossy(&bytes)
+    );
+    closed_at.expect("the gateway never closed the dripping connection")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_later_head_dripped_is_cut_by_header_read_timeout() {
     // The timeout holds for every head of a keep-alive connection, not only its first:
@@ -421,32 +446,14 @@ async fn a_later_head_dripped_is_cut_by_header_read_timeout() {
         arena.mallory
     );
     for _ in 0..2 {
-        write.write_all(request.as_bytes()).await.expect("write");
-        let mut bytes = Vec::new();
-        let mut buf = [0u8; 4096];
-        while parse_response(&bytes, false).is_none() {
-            let n = read.read(&mut buf).await.expect("read");
-            assert!(n > 0, "closed before the response");
-            bytes.extend_from_slice(&buf[..n]);
-        }
-        assert_eq!(
-            parse_response(&bytes, false).map(|r| r.0.status.as_u16()),
-            Some(200)
-        );
+        assert_eq!(exchange(&mut read, &mut write, &request).await, 200);
         // Within the timeout between requests: the connection stays open.
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let answered = Instant::now() - Duration::from_millis(500);
     // The third head, one byte every 300 ms: each gap is short, the head never completes.
-    let dripping = tokio::spawn(drip(write, request, Duration::from_millis(300)));
-    let (bytes, closed_at) = read_until_closed(&mut read, Duration::from_secs(10)).await;
-    dripping.abort();
-    let after = closed_at.expect("the dripping connection was never closed") - answered;
-    assert!(
-        bytes.is_empty(),
-        "answered: {:?}",
-        String::from_utf8_lossy(&bytes)
-    );
+    let after =
+        drip_until_cut(&mut read, write, request, Duration::from_millis(300), 10).await - answered;
     assert!(
         after >= Duration::from_millis(950) && after < Duration::from_millis(1600),
         "closed {after:?} after the second response; header_read_timeout is 1 s"
@@ -482,17 +489,9 @@ async fn a_backend_slower_than_header_read_timeout_still_answers_on_keep_alive()
              Content-Length: {}\r\n\r\n{body}",
             body.len()
         );
-        write.write_all(request.as_bytes()).await.expect("write");
-        let mut bytes = Vec::new();
-        let mut buf = [0u8; 4096];
-        while parse_response(&bytes, false).is_none() {
-            let n = read.read(&mut buf).await.expect("read");
-            assert!(n > 0, "request {i}: closed before the response");
-            bytes.extend_from_slice(&buf[..n]);
-        }
         assert_eq!(
-            parse_response(&bytes, false).map(|r| r.0.status.as_u16()),
-            Some(200),
+            exchange(&mut read, &mut write, &request).await,
+            200,
             "request {i}"
         );
     }
