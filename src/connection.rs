@@ -20,6 +20,7 @@ use tokio::sync::watch;
 
 use crate::errors::Refusal;
 use crate::framing::{self, Framer, Scan};
+use crate::timer::KeptTimer;
 
 /// Counts open connections per client address and refuses past the limit, so that one
 /// address cannot take every connection slot. Touched once per connection, never per
@@ -167,10 +168,9 @@ pub struct GuardedIo<T> {
     waiting_since: Option<tokio::time::Instant>,
     /// The head (by index) that `waiting_since` is for.
     waiting_for: u64,
-    /// The connection's one header timer, made at its first wait. Its deadline only
-    /// ever lags the real one (heads come in order), so it may fire early, and is then
-    /// moved on; it is never reset while heads arrive on time.
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The connection's one header timer ([`KeptTimer`]): heads come in order, so
+    /// their deadlines only move forward.
+    timer: KeptTimer,
 }
 
 impl<T> GuardedIo<T> {
@@ -193,7 +193,7 @@ impl<T> GuardedIo<T> {
                 header_timeout: header_read_timeout,
                 waiting_since: Some(tokio::time::Instant::now()),
                 waiting_for: 0,
-                timer: None,
+                timer: KeptTimer::default(),
             },
             counts,
         )
@@ -231,20 +231,11 @@ impl<T: AsyncRead + Unpin> GuardedIo<T> {
             .waiting_since
             .get_or_insert_with(tokio::time::Instant::now)
             + self.header_timeout;
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
-        loop {
-            ready!(timer.as_mut().poll(cx));
-            if timer.deadline() >= due {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "header read timeout",
-                )));
-            }
-            // Set for an earlier head: move it to this one's deadline.
-            timer.as_mut().reset(due);
-        }
+        ready!(self.timer.poll_until(due, cx));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "header read timeout",
+        )))
     }
 
     fn read_inner(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {

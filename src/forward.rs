@@ -25,6 +25,7 @@ use tokio_util::io::poll_read_buf;
 use crate::config::UpstreamConfig;
 use crate::errors::Refusal;
 use crate::headers;
+use crate::timer::KeptTimer;
 
 /// Every response body the gateway sends: its own (refusals, admin) or the backend's,
 /// streamed. An enum instead of a boxed body: no allocation per response.
@@ -90,8 +91,11 @@ pub struct LimitedBody {
     inner: Incoming,
     remaining: u64,
     idle: Duration,
-    /// Armed when the body first has to wait, re-armed on every frame.
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Start of the current gap: set when the body first has to wait, then moved to
+    /// every frame that arrives. `None`: it never had to wait.
+    since: Option<tokio::time::Instant>,
+    /// Waits for `since + idle` (frames come in order, so that only moves forward).
+    timer: KeptTimer,
 }
 
 impl LimitedBody {
@@ -100,7 +104,8 @@ impl LimitedBody {
             inner,
             remaining: limit,
             idle,
-            timer: None,
+            since: None,
+            timer: KeptTimer::default(),
         }
     }
 }
@@ -116,9 +121,8 @@ impl Body for LimitedBody {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(t) = this.timer.as_mut() {
-                    let deadline = tokio::time::Instant::now() + this.idle;
-                    t.as_mut().reset(deadline);
+                if this.since.is_some() {
+                    this.since = Some(tokio::time::Instant::now());
                 }
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
@@ -133,14 +137,9 @@ impl Body for LimitedBody {
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(RequestBodyError::Client(e)))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
-                let idle = this.idle;
-                let timer = this
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(RequestBodyError::Timeout))),
-                    Poll::Pending => Poll::Pending,
-                }
+                let due = *this.since.get_or_insert_with(tokio::time::Instant::now) + this.idle;
+                ready!(this.timer.poll_until(due, cx));
+                Poll::Ready(Some(Err(RequestBodyError::Timeout)))
             }
         }
     }
@@ -180,10 +179,9 @@ struct Conn {
     at: Vec<[usize; 4]>,
     /// How much room a read is given.
     read_size: usize,
-    /// The response timeout of the exchanges on this connection ([`within`]): made at
-    /// the first one that waits, and kept, so that an exchange does not make, register
-    /// and drop a timer of its own.
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The response timeout of the exchanges on this connection ([`within`]), kept
+    /// with it so that an exchange does not make, register and drop a timer of its own.
+    timer: KeptTimer,
 }
 
 impl Conn {
@@ -194,7 +192,7 @@ impl Conn {
             out: Vec::with_capacity(1024),
             at: Vec::with_capacity(16),
             read_size: READ_RESERVE,
-            timer: None,
+            timer: KeptTimer::default(),
         }
     }
 
@@ -958,14 +956,12 @@ impl Forwarder {
     }
 }
 
-/// `fut`, or [`Refusal::UpstreamTimeout`] once `due` has passed. The wait is kept by
-/// `timer`, a connection's own ([`Conn`]), made here when it has none. Its deadline
-/// usually lags `due` (set by an earlier exchange, `due`s come in order): it then fires
-/// early at most once, and is moved on to `due`; one that is later (a shorter timeout
-/// since) is moved back at once.
+/// `fut`, or [`Refusal::UpstreamTimeout`] once `due` has passed, waited for on
+/// `timer`, the connection's own ([`Conn`]; exchanges come in order, so their `due`s
+/// only move forward).
 async fn within<F: Future>(
     due: tokio::time::Instant,
-    timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    timer: &mut KeptTimer,
     fut: F,
 ) -> Result<F::Output, Refusal> {
     let mut fut = std::pin::pin!(fut);
@@ -973,17 +969,8 @@ async fn within<F: Future>(
         if let Poll::Ready(v) = fut.as_mut().poll(cx) {
             return Poll::Ready(Ok(v));
         }
-        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
-        if timer.deadline() > due {
-            timer.as_mut().reset(due);
-        }
-        loop {
-            ready!(timer.as_mut().poll(cx));
-            if timer.deadline() >= due {
-                return Poll::Ready(Err(Refusal::UpstreamTimeout));
-            }
-            timer.as_mut().reset(due);
-        }
+        ready!(timer.poll_until(due, cx));
+        Poll::Ready(Err(Refusal::UpstreamTimeout))
     })
     .await
 }
@@ -1024,7 +1011,7 @@ impl Pool {
         if framing != RequestFraming::None {
             // Boxed: most requests have no body, and this future would otherwise sit
             // inline in every request's.
-            let mut timer = conn.timer.take();
+            let mut timer = std::mem::take(&mut conn.timer);
             let sent = within(
                 due,
                 &mut timer,

@@ -12,6 +12,7 @@
 //! - [`errors`]: refusal kinds -> status, code, JSON body, `WWW-Authenticate`.
 //! - [`tokens`]: the deprecated access-token flow.
 //! - [`admin`]: health, readiness, metrics. [`telemetry`]: logs and metric types.
+//!   [`timer`]: timers kept across waits instead of made per request.
 //! - [`config`]: schema, defaults, env overrides, validation. [`cli`]: the command line.
 
 pub mod admin;
@@ -29,5 +30,6 @@ pub mod routes;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod timer;
 pub mod tls;
 pub mod tokens;

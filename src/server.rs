@@ -182,9 +182,9 @@ fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .timer(TokioTimer::new())
         // `header_read_timeout` is kept by the framing guard (`connection::GuardedIo`)
-        // with one timer per connection: hyper's made and dropped one per request.
+        // with one timer per connection: hyper's made and dropped one per request. It
+        // was hyper's only use of a timer on HTTP/1, so none is set there.
         .header_read_timeout(None)
         .max_buf_size(s.max_header_bytes.max(8192))
         .max_headers(s.max_headers)
