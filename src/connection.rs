@@ -393,15 +393,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
 /// The idle tick and the shutdown signal keep the task's waker once polled, so on the
 /// wake-ups a busy connection gets (several per request) only the connection is polled;
 /// the other two are polled again when one of them has fired, or the waker changed.
-pub async fn drive<C, E>(
+pub async fn drive<C>(
     conn: C,
     graceful: fn(Pin<&mut C>),
     counts: Arc<IoCounts>,
     idle: Duration,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<(), E>
+) -> C::Output
 where
-    C: Future<Output = Result<(), E>>,
+    C: Future,
 {
     let mut conn = std::pin::pin!(conn);
     let tick = (idle / 4).max(Duration::from_millis(10));

@@ -84,11 +84,47 @@ pub enum RequestBodyError {
     Timeout,
 }
 
+/// A request's body as the handler gets it: hyper's, or none (a request the gateway's
+/// own HTTP/1 loop, [`crate::h1`], served: it takes only requests without a body).
+pub enum RequestBody {
+    Hyper(Incoming),
+    Empty,
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Hyper(inner) => Pin::new(inner).poll_frame(cx),
+            RequestBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Hyper(inner) => inner.is_end_stream(),
+            RequestBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Hyper(inner) => inner.size_hint(),
+            RequestBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// The client's request body on its way to the backend, cut off with an error as soon
 /// as it exceeds the limit (whether or not a `Content-Length` announced it), or when the
 /// client sends nothing for `idle` while the backend waits for more.
 pub struct LimitedBody {
-    inner: Incoming,
+    inner: RequestBody,
     remaining: u64,
     idle: Duration,
     /// Start of the current gap: set when the body first has to wait, then moved to
@@ -99,7 +135,7 @@ pub struct LimitedBody {
 }
 
 impl LimitedBody {
-    pub fn new(inner: Incoming, limit: u64, idle: Duration) -> LimitedBody {
+    pub fn new(inner: RequestBody, limit: u64, idle: Duration) -> LimitedBody {
         LimitedBody {
             inner,
             remaining: limit,

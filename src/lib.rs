@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //! Data flows one way: listener -> connection -> pipeline -> forwarder.
-//! - [`server`]: listeners, hyper connections ([`connection`], [`tls`]), limits, the request handler, shutdown, reload.
+//! - [`server`]: listeners, connections ([`connection`], [`tls`]), limits, the request handler, shutdown, reload.
+//!   [`h1`]: the gateway's own HTTP/1 loop for requests without a body; hyper serves the rest.
 //!   [`framing`]: HTTP/1 heads checked, and bodies framed, before hyper reads them.
 //! - [`pipeline`]: the per-request decision: sanity -> authenticate -> route -> authorize.
 //! - [`path`]: canonical paths. [`routes`]: the route table and API ids.
@@ -23,6 +24,7 @@ pub mod connection;
 pub mod errors;
 pub mod forward;
 pub mod framing;
+pub mod h1;
 pub mod headers;
 pub mod path;
 pub mod pipeline;

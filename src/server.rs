@@ -25,7 +25,8 @@ use crate::auth::Authenticator;
 use crate::config::{Config, RuntimeLayout};
 use crate::connection::{self, GuardedIo, PerAddressLimit};
 use crate::errors::Refusal;
-use crate::forward::{Forwarder, GateBody, LimitedBody};
+use crate::forward::{Forwarder, GateBody, LimitedBody, RequestBody};
+use crate::h1;
 use crate::headers::{self, X_REQUEST_ID};
 use crate::pipeline::{self, Policy};
 use crate::store::Store;
@@ -453,28 +454,36 @@ impl Conn {
         let peer = self.peer;
         let peer_header = headers::ip_header_value(peer.ip());
         let io_counts = counts.clone();
-        let svc = service_fn(move |req| {
-            let start = io_counts.start_request();
-            let (worker, peer_header) = (worker.clone(), peer_header.clone());
-            // `handle` is called inside: hyper moves this future into place, and it is
-            // small until first polled (the handler's own state is ~2.8 KB).
-            async move {
-                // A request that was already buffered behind the previous one (deep
-                // HTTP/1 pipelining) gives the worker's other connections a turn
-                // first: otherwise such a connection is answered from its buffer
-                // 16 requests per poll, keeps the run queue full, and a current-thread
-                // worker then polls its I/O driver (other clients' reads, accepts,
-                // upstream answers) only every 61 task polls. A request that needed a
-                // read of its own never yields.
-                if start.buffered {
-                    tokio::task::yield_now().await;
-                }
-                handle(worker, peer, peer_header, proto, req, start.refused).await
+        let serve_one = move |req: Request<RequestBody>| {
+            serve_one(&worker, peer, &peer_header, proto, &io_counts, req)
+        };
+        // The gateway's own HTTP/1 loop first (`h1`); hyper takes over for the rest of
+        // the connection at the first request the loop does not serve.
+        let closing = Arc::new(AtomicBool::new(false));
+        let own = OwnLoop {
+            fut: Box::pin(h1::serve(io, closing.clone(), serve_one.clone())),
+            closing,
+        };
+        let ended = connection::drive(
+            own,
+            OwnLoop::close,
+            counts.clone(),
+            self.idle,
+            self.shutdown.clone(),
+        )
+        .await;
+        let (io, read) = match ended {
+            Ok(h1::Ended::Handover(io, read)) => (io, read),
+            Ok(h1::Ended::Closed) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+                return;
             }
-        });
+        };
+        let svc = service_fn(move |req: Request<Incoming>| serve_one(req.map(RequestBody::Hyper)));
         let conn = self
             .builder
-            .serve_connection(TokioIo::new(io), svc)
+            .serve_connection(TokioIo::new(h1::Prefixed::new(read, io)), svc)
             .into_owned();
         if let Err(e) = connection::drive(
             conn,
@@ -487,6 +496,57 @@ impl Conn {
         {
             tracing::debug!(error = %e, %peer, "connection ended with an error");
         }
+    }
+}
+
+/// One request of a connection, by whichever HTTP/1 loop or HTTP/2 stream it came.
+/// `handle` is called inside, its future pinned where it is made: the handler's state
+/// is some KB, and each move of it was a `memcpy` (three per request in all).
+fn serve_one(
+    worker: &Arc<Worker>,
+    peer: SocketAddr,
+    peer_header: &HeaderValue,
+    proto: &'static str,
+    counts: &connection::IoCounts,
+    req: Request<RequestBody>,
+) -> impl std::future::Future<Output = Result<Response<GateBody>, Infallible>> + Send + use<> {
+    let start = counts.start_request();
+    let (worker, peer_header) = (worker.clone(), peer_header.clone());
+    async move {
+        // A request that was already buffered behind the previous one (deep HTTP/1
+        // pipelining) gives the worker's other connections a turn first: otherwise
+        // such a connection is answered from its buffer 16 requests per poll, keeps
+        // the run queue full, and a current-thread worker then polls its I/O driver
+        // (other clients' reads, accepts, upstream answers) only every 61 task polls.
+        // A request that needed a read of its own never yields.
+        if start.buffered {
+            tokio::task::yield_now().await;
+        }
+        std::pin::pin!(handle(worker, peer, peer_header, proto, req, start.refused)).await
+    }
+}
+
+/// The gateway's own HTTP/1 loop as [`connection::drive`] runs it: closing sets a flag
+/// the loop reads between requests and while it waits for one.
+struct OwnLoop<F> {
+    fut: std::pin::Pin<Box<F>>,
+    closing: Arc<AtomicBool>,
+}
+
+impl<F: std::future::Future> std::future::Future for OwnLoop<F> {
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        self.get_mut().fut.as_mut().poll(cx)
+    }
+}
+
+impl<F> OwnLoop<F> {
+    fn close(c: std::pin::Pin<&mut Self>) {
+        c.closing.store(true, Ordering::Relaxed);
     }
 }
 
@@ -617,7 +677,7 @@ async fn handle(
     peer: SocketAddr,
     peer_header: HeaderValue,
     proto: &'static str,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     refused: Option<Refusal>,
 ) -> Result<Response<GateBody>, Infallible> {
     let started = Instant::now();

@@ -480,3 +480,96 @@ impl Drop for KeepAliveBackend {
         self.task.abort();
     }
 }
+
+/// One keep-alive connection moves from the gateway's own HTTP/1 loop (requests without
+/// a body) to hyper at its first request with a body, and nothing is lost or reframed
+/// on the way: each request reaches the backend whole, in order, each answer the client.
+/// Once sequentially (the hand-over at a read boundary), once pipelined in one write
+/// (the hand-over in the middle of what was read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_is_served_whole_across_the_hand_over_to_hyper() {
+    let backend = RecordingBackend::start().await;
+    let env = TestEnv::with_upstream(&backend.url());
+    let token = env.create_api_user("alice", &["campaigns", "events"]);
+    let gw = env.start_gateway().await;
+    let get = |n: u32| {
+        format!(
+            "GET {CONTENT}?n={n} HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+    };
+    let post = |n: u32| {
+        format!(
+            "POST {EVENTS}?n={n} HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: text/plain\r\nContent-Length: 7\r\n\r\nbody {n:02}"
+        )
+    };
+    const CONTENT: &str = "/campaignapi/resources/v3/campaigncontents/42";
+    let requests = [get(1), get(2), post(3), get(4), post(5)];
+
+    let mut stream = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    for (i, request) in requests.iter().enumerate() {
+        let reply = exchange(&mut stream, request).await;
+        assert_eq!(reply.status, 200, "request {i}: {}", reply.text());
+        assert!(reply.header("date").is_some(), "request {i}: no date");
+    }
+    drop(stream);
+    let pipelined =
+        common::hostile::pipelined(gw.addr, requests.iter().map(|r| r.to_string()).collect()).await;
+    assert!(
+        pipelined.iter().all(|r| r.status == 200),
+        "pipelined answers"
+    );
+
+    backend
+        .wait_for_requests(10, Duration::from_secs(5))
+        .await
+        .expect("ten requests at the backend");
+    let seen: Vec<(String, String, String)> = backend
+        .requests()
+        .iter()
+        .map(|r| {
+            let body = String::from_utf8_lossy(r.body()).into_owned();
+            (r.method.to_string(), r.target.clone(), body)
+        })
+        .collect();
+    let want: Vec<(String, String, String)> = [1, 2, 3, 4, 5]
+        .iter()
+        .map(|&n| {
+            if n % 2 == 1 && n > 1 {
+                (
+                    "POST".to_string(),
+                    format!("{EVENTS}?n={n}"),
+                    format!("body {n:02}"),
+                )
+            } else {
+                ("GET".to_string(), format!("{CONTENT}?n={n}"), String::new())
+            }
+        })
+        .collect();
+    assert_eq!(seen[..5], want[..], "sequential");
+    assert_eq!(seen[5..], want[..], "pipelined");
+    gw.shutdown().await;
+}
+
+/// Writes `request` and reads one whole response from `stream`.
+async fn exchange(stream: &mut tokio::net::TcpStream, request: &str) -> common::Resp {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut bytes = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some((resp, used)) = common::parse_response(&bytes, false) {
+            assert_eq!(used, bytes.len(), "nothing after the response");
+            return resp;
+        }
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .expect("a response within 10 s")
+            .expect("read");
+        assert!(n > 0, "closed before a whole response");
+        bytes.extend_from_slice(&buf[..n]);
+    }
+}
