@@ -199,6 +199,20 @@ impl<T> GuardedIo<T> {
         )
     }
 
+    /// Puts `bytes`, given out before, back in front of what was not given out yet: the
+    /// next reads return them first. For the gateway's own HTTP/1 loop ([`crate::h1`]),
+    /// which hands hyper the bytes it read and did not serve; the guard scanned them
+    /// already, so they are not scanned again.
+    pub fn unread(&mut self, bytes: &[u8]) {
+        let rest = self.held.split_off(self.given);
+        let cleared = self.clear - self.given;
+        self.held.clear();
+        self.held.extend_from_slice(bytes);
+        self.held.extend_from_slice(&rest);
+        self.given = 0;
+        self.clear = bytes.len() + cleared;
+    }
+
     /// Puts the stand-in request after what hyper may still read, and stops reading.
     fn refuse(&mut self, refusal: Refusal) {
         let index = self.framer.as_ref().map_or(0, Framer::heads);
@@ -500,6 +514,40 @@ mod tests {
 
     // Timer-exact (paused clock): the black-box test over sockets can only bound this
     // loosely on a loaded machine.
+    /// Bytes put back are read again before anything else, and what the guard held
+    /// back (an incomplete head) still comes after them once it is complete.
+    #[tokio::test]
+    async fn unread_bytes_come_back_first_and_a_held_head_after_them() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = tokio::io::duplex(4096);
+        let limits = framing::Limits {
+            max_header_bytes: 8192,
+            max_headers: 100,
+            max_uri_bytes: 4096,
+        };
+        let (mut io, _) = GuardedIo::new(server, Some(limits), Duration::from_secs(30));
+        let first = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+        client.write_all(first).await.expect("write");
+        client
+            .write_all(b"GET /b HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        let mut got = vec![0u8; 256];
+        let n = io.read(&mut got).await.expect("read");
+        assert_eq!(
+            &got[..n],
+            first,
+            "the complete head; the incomplete one is held"
+        );
+        io.unread(&got[4..n]);
+        client.write_all(b"Host: y\r\n\r\n").await.expect("write");
+        drop(client);
+        let mut all = Vec::new();
+        io.read_to_end(&mut all).await.expect("read");
+        let want = [&first[4..], b"GET /b HTTP/1.1\r\nHost: y\r\n\r\n"].concat();
+        assert_eq!(all, want);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_idle_connection_closes_between_one_and_one_and_a_quarter_idle() {
         let idle = Duration::from_secs(4);

@@ -472,8 +472,11 @@ impl Conn {
             self.shutdown.clone(),
         )
         .await;
-        let (io, read) = match ended {
-            Ok(h1::Ended::Handover(io, read)) => (io, read),
+        let io = match ended {
+            Ok(h1::Ended::Handover(mut io, read)) => {
+                io.unread(&read);
+                io
+            }
             Ok(h1::Ended::Closed) => return,
             Err(e) => {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
@@ -483,7 +486,7 @@ impl Conn {
         let svc = service_fn(move |req: Request<Incoming>| serve_one(req.map(RequestBody::Hyper)));
         let conn = self
             .builder
-            .serve_connection(TokioIo::new(h1::Prefixed::new(read, io)), svc)
+            .serve_connection(TokioIo::new(io), svc)
             .into_owned();
         if let Err(e) = connection::drive(
             conn,
