@@ -84,11 +84,12 @@ pub enum RequestBodyError {
     Timeout,
 }
 
-/// A request's body as the handler gets it: hyper's, or none (a request the gateway's
-/// own HTTP/1 loop, [`crate::h1`], served: it takes only requests without a body).
+/// A request's body as the handler gets it: hyper's, or, for a request the gateway's
+/// own HTTP/1 loop ([`crate::h1`]) served, the whole body, which had arrived with the
+/// head (`None`: no body).
 pub enum RequestBody {
     Hyper(Incoming),
-    Empty,
+    Whole(Option<Bytes>),
 }
 
 impl Body for RequestBody {
@@ -101,21 +102,21 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             RequestBody::Hyper(inner) => Pin::new(inner).poll_frame(cx),
-            RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Whole(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Hyper(inner) => inner.is_end_stream(),
-            RequestBody::Empty => true,
+            RequestBody::Whole(b) => b.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Hyper(inner) => inner.size_hint(),
-            RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Whole(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }
 }

@@ -1,9 +1,12 @@
 //! The gateway's own HTTP/1.1 server loop, for the requests that make up nearly all of
-//! an API's traffic: origin-form, HTTP/1.1, no body, no `Expect`, no upgrade. Each is
-//! parsed once into a request, handed to the handler, and its response written with one
-//! write. The first request that is anything else, and a connection that opens with the
-//! HTTP/2 preface, is handed over with the bytes read so far to hyper, which serves the
-//! rest of the connection as before.
+//! an API's traffic: origin-form, HTTP/1.1, no `Expect`, no upgrade, and no body or a
+//! body of one plain `Content-Length` that arrived whole with its head (a small JSON
+//! `POST` does). Each is parsed once into a request, handed to the handler, and its
+//! response written with one write. The first request that is anything else (a body
+//! still on its way, or chunked, is streamed by hyper; this loop never waits for one,
+//! since no body timeout runs here), and a connection that opens with the HTTP/2
+//! preface, is handed over with the bytes read so far to hyper, which serves the rest
+//! of the connection as before.
 //!
 //! Why: 6 % fewer instructions per proxied request natively, about 5 % less CPU per
 //! request and a lower p99 under load (BENCHMARKS.md, "The gateway's own HTTP/1
@@ -76,7 +79,7 @@ where
     // (as hyper does), instead of a new map per request.
     let mut spare = HeaderMap::new();
     loop {
-        let head = loop {
+        let mut head = loop {
             if !buf.is_empty() {
                 match take_head(&mut buf, &mut at) {
                     Take::Head(h) => break h,
@@ -114,11 +117,13 @@ where
     }
 }
 
-/// A complete head, split off the read buffer, with its fields located in `at`.
+/// A complete head, split off the read buffer, with its fields located in `at`, and
+/// its whole body if it has one.
 struct Head {
     bytes: Bytes,
     method: (usize, usize),
     target: (usize, usize),
+    body: Option<Bytes>,
 }
 
 enum Take {
@@ -158,26 +163,46 @@ fn take_head(buf: &mut BytesMut, at: &mut Vec<[usize; 4]>) -> Take {
         (start, start + s.len())
     };
     at.clear();
+    let mut length: Option<usize> = None;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
-        // A body, an expectation or an upgrade: hyper's to serve.
-        if name.eq_ignore_ascii_case(b"content-length")
-            || name.eq_ignore_ascii_case(b"transfer-encoding")
+        if name.eq_ignore_ascii_case(b"content-length") {
+            // One plain length: the body is taken here if it all came with the head.
+            let digits = h.value;
+            if length.is_some()
+                || digits.is_empty()
+                || digits.len() > 9
+                || !digits.iter().all(u8::is_ascii_digit)
+            {
+                return Take::Hyper;
+            }
+            length = Some(digits.iter().fold(0, |n, d| n * 10 + usize::from(d - b'0')));
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
             || name.eq_ignore_ascii_case(b"expect")
             || name.eq_ignore_ascii_case(b"upgrade")
         {
+            // A streamed body, an expectation or an upgrade: hyper's to serve.
             return Take::Hyper;
         }
         let (ns, ne) = span(name);
         let (vs, ve) = span(h.value);
         at.push([ns, ne, vs, ve]);
     }
+    let body_len = length.unwrap_or(0);
+    if buf.len() - len < body_len {
+        // Not all of the body is here: hyper streams it (never waited for here, where
+        // no body timeout runs).
+        return Take::Hyper;
+    }
     let method = span(method.as_bytes());
     let target = span(target.as_bytes());
+    let bytes = buf.split_to(len).freeze();
+    let body = (body_len > 0).then(|| buf.split_to(body_len).freeze());
     Take::Head(Head {
-        bytes: buf.split_to(len).freeze(),
+        bytes,
         method,
         target,
+        body,
     })
 }
 
@@ -185,7 +210,7 @@ impl Head {
     /// The request, and whether its `Connection` asks to close after it; `None` for a
     /// head `http` refuses (hyper then answers it).
     fn request(
-        &self,
+        &mut self,
         at: &[[usize; 4]],
         mut headers: HeaderMap,
     ) -> Option<(Request<RequestBody>, bool)> {
@@ -209,7 +234,7 @@ impl Head {
             }
             headers.append(name, value);
         }
-        let mut req = Request::new(RequestBody::Empty);
+        let mut req = Request::new(RequestBody::Whole(self.body.take()));
         *req.method_mut() = method;
         *req.uri_mut() = Uri::from(pq);
         *req.version_mut() = Version::HTTP_11;
@@ -217,10 +242,12 @@ impl Head {
         Some((req, close))
     }
 
-    /// The head put back in front of what follows it.
+    /// The head and its body put back in front of what follows them.
     fn rejoin(self, rest: BytesMut) -> Bytes {
-        let mut all = BytesMut::with_capacity(self.bytes.len() + rest.len());
+        let body = self.body.unwrap_or_default();
+        let mut all = BytesMut::with_capacity(self.bytes.len() + body.len() + rest.len());
         all.extend_from_slice(&self.bytes);
+        all.extend_from_slice(&body);
         all.extend_from_slice(&rest);
         all.freeze()
     }
@@ -629,9 +656,8 @@ mod tests {
     const OK: &[(&str, &str)] = &[("content-type", "text/plain")];
 
     #[tokio::test]
-    async fn requests_without_a_body_are_served_here_and_the_first_with_one_goes_to_hyper() {
-        let post =
-            "POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET /d HTTP/1.1\r\n\r\n";
+    async fn requests_are_served_here_until_one_with_a_streamed_body_goes_to_hyper() {
+        let post = "POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /d HTTP/1.1\r\n\r\n";
         let input = format!(
             "GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b?q=1 HTTP/1.1\r\nHost: x\r\n\r\n{post}"
         );
@@ -661,7 +687,10 @@ mod tests {
             "OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
             "CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n",
             "GET /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-            "GET /a HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+            "POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nabc",
+            "POST /a HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+            "POST /a HTTP/1.1\r\nContent-Length: +3\r\n\r\nabc",
+            "POST /a HTTP/1.1\r\nContent-Length: 9999999999\r\n\r\nabc",
             "GET /a HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
             "GET /a HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
             "GET /a HTTP/1.1\r\nConnection: keep-alive, upgrade\r\n\r\n",
@@ -677,6 +706,53 @@ mod tests {
             assert_eq!(r.handover.as_deref(), Some(head.as_bytes()), "{head:?}");
             assert_eq!(r.out, "", "{head:?}");
         }
+    }
+
+    /// A body that came whole with its head is served here, as the handler's request
+    /// body, and the next head is found right after it.
+    #[tokio::test]
+    async fn a_body_that_came_with_its_head_is_served_here() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let input = "POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloPOST /b HTTP/1.1\r\nContent-Length: 0\r\n\r\nGET /c HTTP/1.1\r\n\r\n";
+        client.write_all(input.as_bytes()).await.expect("write");
+        client.shutdown().await.expect("shutdown");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let svc = move |req: Request<RequestBody>| {
+            let log = log.clone();
+            async move {
+                let (head, body) = req.into_parts();
+                let body = http_body_util::BodyExt::collect(body)
+                    .await
+                    .expect("body")
+                    .to_bytes();
+                let length = head
+                    .headers
+                    .get(CONTENT_LENGTH)
+                    .map(|v| v.to_str().unwrap_or("?").to_string());
+                log.lock()
+                    .expect("log")
+                    .push((head.uri.to_string(), length, body));
+                Ok::<_, Infallible>(Answer(200, Version::HTTP_11, OK, whole("hi")).response())
+            }
+        };
+        let ended = serve(server, Arc::new(AtomicBool::new(false)), svc)
+            .await
+            .expect("served");
+        assert!(matches!(ended, Ended::Closed));
+        let seen = seen.lock().expect("log").clone();
+        assert_eq!(
+            seen,
+            [
+                (
+                    "/a".to_string(),
+                    Some("5".to_string()),
+                    Bytes::from_static(b"hello")
+                ),
+                ("/b".to_string(), Some("0".to_string()), Bytes::new()),
+                ("/c".to_string(), None, Bytes::new()),
+            ]
+        );
     }
 
     #[tokio::test]

@@ -3,7 +3,7 @@
 //! # Layout
 //! Data flows one way: listener -> connection -> pipeline -> forwarder.
 //! - [`server`]: listeners, connections ([`connection`], [`tls`]), limits, the request handler, shutdown, reload.
-//!   [`h1`]: the gateway's own HTTP/1 loop for requests without a body; hyper serves the rest.
+//!   [`h1`]: the gateway's own HTTP/1 loop for plain requests; hyper serves the rest.
 //!   [`framing`]: HTTP/1 heads checked, and bodies framed, before hyper reads them.
 //! - [`pipeline`]: the per-request decision: sanity -> authenticate -> route -> authorize.
 //! - [`path`]: canonical paths. [`routes`]: the route table and API ids.
