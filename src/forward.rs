@@ -17,6 +17,7 @@ use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -86,10 +87,10 @@ pub enum RequestBodyError {
 
 /// A request's body as the handler gets it: hyper's, or, for a request the gateway's
 /// own HTTP/1 loop ([`crate::h1`]) served, the whole body, which had arrived with the
-/// head (`None`: no body).
+/// head (empty: no body).
 pub enum RequestBody {
     Hyper(Incoming),
-    Whole(Option<Bytes>),
+    Whole(Full<Bytes>),
 }
 
 impl Body for RequestBody {
@@ -102,21 +103,23 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             RequestBody::Hyper(inner) => Pin::new(inner).poll_frame(cx),
-            RequestBody::Whole(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            RequestBody::Whole(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|e| match e {}))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Hyper(inner) => inner.is_end_stream(),
-            RequestBody::Whole(b) => b.is_none(),
+            RequestBody::Whole(b) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Hyper(inner) => inner.size_hint(),
-            RequestBody::Whole(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            RequestBody::Whole(b) => b.size_hint(),
         }
     }
 }

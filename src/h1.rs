@@ -234,7 +234,8 @@ impl Head {
             }
             headers.append(name, value);
         }
-        let mut req = Request::new(RequestBody::Whole(self.body.take()));
+        let body = http_body_util::Full::new(self.body.take().unwrap_or_default());
+        let mut req = Request::new(RequestBody::Whole(body));
         *req.method_mut() = method;
         *req.uri_mut() = Uri::from(pq);
         *req.version_mut() = Version::HTTP_11;
