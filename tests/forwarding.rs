@@ -582,3 +582,44 @@ async fn exchange(stream: &mut tokio::net::TcpStream, request: &str) -> common::
         bytes.extend_from_slice(&buf[..n]);
     }
 }
+
+/// A client that shuts down its sending side right after its request still gets the
+/// answer (docs/decisions.md, "Half-closed clients are served"), on the gateway's own
+/// HTTP/1 loop (a GET) as on hyper (a chunked POST), and the backend got the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = RecordingBackend::start().await;
+    let env = TestEnv::with_upstream(&backend.url());
+    let token = env.create_api_user("alice", &["campaigns", "events"]);
+    let gw = env.start_gateway().await;
+    let requests = [
+        format!(
+            "GET /campaignapi/resources/v3/campaigncontents/7 HTTP/1.1\r\nHost: gw.test\r\n\
+             Authorization: Bearer {token}\r\n\r\n"
+        ),
+        format!(
+            "POST {EVENTS} HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {token}\r\n\
+             Transfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+        ),
+    ];
+    for (i, request) in requests.iter().enumerate() {
+        let mut stream = tokio::net::TcpStream::connect(gw.addr)
+            .await
+            .expect("connect");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        stream.shutdown().await.expect("half-close");
+        let mut bytes = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut bytes))
+            .await
+            .expect("the answer and the close within 10 s")
+            .expect("read");
+        let (resp, _) = common::parse_response(&bytes, true).expect("a whole response");
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
+    }
+    backend
+        .wait_for_requests(2, Duration::from_secs(5))
+        .await
+        .expect("both requests at the backend");
+    gw.shutdown().await;
+}
