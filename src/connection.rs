@@ -512,8 +512,6 @@ mod tests {
         started.elapsed()
     }
 
-    // Timer-exact (paused clock): the black-box test over sockets can only bound this
-    // loosely on a loaded machine.
     /// Bytes put back are read again before anything else, and what the guard held
     /// back (an incomplete head) still comes after them once it is complete.
     #[tokio::test]
@@ -548,6 +546,8 @@ mod tests {
         assert_eq!(all, want);
     }
 
+    // Timer-exact (paused clock): the black-box test over sockets can only bound this
+    // loosely on a loaded machine.
     #[tokio::test(start_paused = true)]
     async fn an_idle_connection_closes_between_one_and_one_and_a_quarter_idle() {
         let idle = Duration::from_secs(4);

@@ -315,7 +315,7 @@ fn trim(v: &[u8]) -> &[u8] {
 }
 
 /// hyper's `from_digits`: one or more ASCII digits, no sign, no overflow.
-fn digits(v: &[u8]) -> Option<u64> {
+pub(crate) fn digits(v: &[u8]) -> Option<u64> {
     if v.is_empty() {
         return None;
     }

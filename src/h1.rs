@@ -167,16 +167,13 @@ fn take_head(buf: &mut BytesMut, at: &mut Vec<[usize; 4]>) -> Take {
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
-            // One plain length: the body is taken here if it all came with the head.
-            let digits = h.value;
-            if length.is_some()
-                || digits.is_empty()
-                || digits.len() > 9
-                || !digits.iter().all(u8::is_ascii_digit)
-            {
+            // One plain length (the guard's reading of it): the body is taken here if
+            // it all came with the head.
+            let n = crate::framing::digits(h.value).and_then(|n| usize::try_from(n).ok());
+            if length.is_some() || n.is_none() {
                 return Take::Hyper;
             }
-            length = Some(digits.iter().fold(0, |n, d| n * 10 + usize::from(d - b'0')));
+            length = n;
         } else if name.eq_ignore_ascii_case(b"transfer-encoding")
             || name.eq_ignore_ascii_case(b"expect")
             || name.eq_ignore_ascii_case(b"upgrade")
@@ -223,14 +220,10 @@ impl Head {
             let name = HeaderName::from_bytes(&b[ns..ne]).ok()?;
             let value = HeaderValue::from_maybe_shared(b.slice(vs..ve)).ok()?;
             if name == CONNECTION {
-                for token in value.as_bytes().split(|&c| c == b',') {
-                    let token = token.trim_ascii();
-                    if token.eq_ignore_ascii_case(b"close") {
-                        close = true;
-                    } else if token.eq_ignore_ascii_case(b"upgrade") {
-                        return None;
-                    }
+                if lists(&value, b"upgrade") {
+                    return None;
                 }
+                close |= lists(&value, b"close");
             }
             headers.append(name, value);
         }
@@ -310,12 +303,7 @@ fn encode_head(
             continue;
         } else if *name == DATE {
             has_date = true;
-        } else if *name == CONNECTION
-            && value
-                .as_bytes()
-                .split(|&c| c == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-        {
+        } else if *name == CONNECTION && lists(value, b"close") {
             says_close = true;
             keep_alive = false;
         }
@@ -342,13 +330,16 @@ fn encode_head(
             out.extend_from_slice(b"\r\n");
         }
         Framing::Length
-    } else if http_10 || bodyless {
+    } else if bodyless {
+        Framing::None
+    } else if http_10 {
         Framing::Close
     } else {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
         Framing::Chunked
     };
-    if bodyless || empty {
+    if bodyless {
+        // A length was written (it tells a `HEAD` what a `GET` would get); no body.
         framing = Framing::None;
     }
     if framing == Framing::Close {
@@ -455,6 +446,14 @@ where
     }
     io.flush().await?;
     Ok(keep_alive)
+}
+
+/// Whether a `Connection` value lists `token` (any case, blanks around it).
+fn lists(value: &HeaderValue, token: &[u8]) -> bool {
+    value
+        .as_bytes()
+        .split(|&c| c == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// `{size:X}\r\n`, a chunk's size line (upper case, as hyper writes it).

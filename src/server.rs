@@ -454,14 +454,14 @@ impl Conn {
         let peer = self.peer;
         let peer_header = headers::ip_header_value(peer.ip());
         let io_counts = counts.clone();
-        let serve_one = move |req: Request<RequestBody>| {
+        let one = move |req: Request<RequestBody>| {
             serve_one(&worker, peer, &peer_header, proto, &io_counts, req)
         };
         // The gateway's own HTTP/1 loop first (`h1`); hyper takes over for the rest of
         // the connection at the first request the loop does not serve.
         let closing = Arc::new(AtomicBool::new(false));
         let own = OwnLoop {
-            fut: Box::pin(h1::serve(io, closing.clone(), serve_one.clone())),
+            fut: Box::pin(h1::serve(io, closing.clone(), one.clone())),
             closing,
         };
         let ended = connection::drive(
@@ -483,7 +483,7 @@ impl Conn {
                 return;
             }
         };
-        let svc = service_fn(move |req: Request<Incoming>| serve_one(req.map(RequestBody::Hyper)));
+        let svc = service_fn(move |req: Request<Incoming>| one(req.map(RequestBody::Hyper)));
         let conn = self
             .builder
             .serve_connection(TokioIo::new(io), svc)
