@@ -26,7 +26,9 @@
 #     the machine spreads evenly; reports medians.
 # Scenarios: warm keys (backend direct, nginx proxy_pass, nginx auth_request, nginx
 # auth_request to an auth service, campaign-gate), cold keys (10,000 keys each used once),
-# every request a miss (the same keys rotated with cache_ttl 1 ms), invalidation storm
+# small POSTs (a 66-byte JSON event to the events route, warm keys; nginx proxy_pass and
+# auth_request, campaign-gate), every request a miss (the same keys rotated with
+# cache_ttl 1 ms), invalidation storm
 # (Redis only),
 # h2c downstream (h2load), 10 MB upload (curl), TLS downstream (self-signed P-256 pair;
 # skipped when openssl is missing or the binary has no TLS listener).
@@ -37,7 +39,7 @@
 # Environment: RUNS (3), DURATION seconds (10), CONNS (64), THREADS wrk threads (2),
 # WORKERS proxy workers (2), GATE_RUNTIME (the binary's default), ACCESS_LOG (0),
 # OUT results dir (target/load-bench), SKIP_BUILD=1, KEEP=1 keeps the scratch dir,
-# SCENARIOS (comma-separated, default all: warm,h2c,upload,storm,tls,cold,miss; e.g.
+# SCENARIOS (comma-separated, default all: warm,post,h2c,upload,storm,tls,cold,miss; e.g.
 # SCENARIOS=warm for the warm-key comparison alone, which also skips making the 10,000
 # cold keys), BIN_B (a second campaign-gate binary: started beside the first on the same
 # store and backend, and run in the warm, cold and miss scenarios as `campaign_gate_b`, interleaved with
@@ -55,7 +57,7 @@ CONNS=${CONNS:-64}
 THREADS=${THREADS:-2}
 WORKERS=${WORKERS:-2}
 ACCESS_LOG=${ACCESS_LOG:-0}
-SCENARIOS=${SCENARIOS:-warm,h2c,upload,storm,tls,cold,miss}
+SCENARIOS=${SCENARIOS:-warm,post,h2c,upload,storm,tls,cold,miss}
 BIN_B=${BIN_B:-}
 want() { [[ ",$SCENARIOS," == *",$1,"* ]]; }
 GATE_RUNTIME=${GATE_RUNTIME:-}
@@ -251,6 +253,8 @@ start_nginx backend 1 "
     location = /auth { return 204; }
     # Uploads: read the whole body before answering, so the client's time is the upload.
     location = $UPLOAD_ROUTE {
+      # A small JSON POST (the post scenario) is answered at once, as \`location /\`.
+      if (\$http_content_length ~ \"^[0-9]{1,4}\$\") { return 200 \"ok\"; }
       client_body_buffer_size 16m;
       proxy_pass_request_body off;
       proxy_set_header Content-Length \"\";
@@ -471,6 +475,20 @@ function init(args)
   i = math.random(n)
 end
 EOF
+# Small POSTs (the post scenario): a 66-byte JSON event to the events route, in one
+# write with its head as clients send it, the warm keys rotated as above.
+cat "$WORK/report.lua" - "$WORK/cycle.lua" >"$WORK/post.lua" <<EOF
+local reqs, n, i = {}, 0, 0
+local body = '{"eventType":"click","campaign":"4711","contact":"c-0000000042"}  '
+function init(args)
+  for line in io.lines(args[1]) do
+    n = n + 1
+    reqs[n] = wrk.format("POST", "$UPLOAD_ROUTE", { Host = "bench", Authorization = "Bearer " .. line,
+      ["Content-Type"] = "application/json" }, body)
+  end
+  i = math.random(n)
+end
+EOF
 # Every request a miss: each thread rotates through its own share of the tokens (every
 # THREADS-th), so no two threads ask for one key at about the same time (wrk's threads
 # would otherwise draw the same "random" start).
@@ -615,6 +633,19 @@ for run in $(seq 1 "$RUNS"); do
   fi
 done
 fi
+# ---- small POSTs ----------------------------------------------------------------------
+if want post; then
+  log "small POSTs: $RUNS runs x ${DURATION}s per target"
+  for url in "$PROXY_URL" "$AUTH_URL" "$GATE_URL"; do warmup "$url" "$WORK/post.lua"; done
+  [ -z "$BIN_B" ] || warmup "$GATE_B_URL" "$WORK/post.lua"
+  for run in $(seq 1 "$RUNS"); do
+    run_wrk nginx_proxy_pass_post "$run" "$PROXY_URL" "$PID_proxy" "$WORK/post.lua"
+    run_wrk nginx_auth_request_post "$run" "$AUTH_URL" "$PID_auth" "$WORK/post.lua"
+    run_wrk campaign_gate_post "$run" "$GATE_URL" "$GATE_PID" "$WORK/post.lua"
+    [ -z "$BIN_B" ] || run_wrk campaign_gate_b_post "$run" "$GATE_B_URL" "$GATE_B_PID" "$WORK/post.lua"
+  done
+fi
+
 GATE_PEAK_KIB=$(status_kib "$GATE_PID" VmHWM)
 GATE_AFTER_KIB=$(status_kib "$GATE_PID" VmRSS)
 NGX_PROXY_KIB=$(rss_kib "$PID_proxy")
@@ -902,6 +933,25 @@ GATE_RPS=$(median_of "$RUNS_TSV" campaign_gate 3)
       "$(ratio "$(median_of "$RUNS_TSV" campaign_gate_b 7)" "$(median_of "$RUNS_TSV" campaign_gate 7)") CPU per request;" \
       "B uses $(ratio "$(median_of "$RUNS_TSV" campaign_gate_b 7)" "$(median_of "$RUNS_TSV" nginx_proxy_pass 7)") the CPU of nginx proxy_pass" \
       "at $(ratio "$(median_of "$RUNS_TSV" campaign_gate_b 3)" "$PROXY_RPS") its req/s."
+    echo
+  fi
+  if [ "$(median_of "$RUNS_TSV" campaign_gate_post 3)" != - ]; then
+    POST_PROXY_RPS=$(median_of "$RUNS_TSV" nginx_proxy_pass_post 3)
+    POST_AUTH_RPS=$(median_of "$RUNS_TSV" nginx_auth_request_post 3)
+    echo "Small POSTs (a 66-byte JSON event to the events route, warm keys; the backend answers as for GET):"
+    echo
+    echo "| scenario | req/s | p50 ms | p99 ms | p99.9 ms | proxy CPU s / 10k req | vs nginx proxy_pass | vs nginx auth_request |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+    for s in nginx_proxy_pass_post nginx_auth_request_post campaign_gate_post campaign_gate_b_post; do
+      rps=$(median_of "$RUNS_TSV" "$s" 3)
+      [ "$rps" = - ] && continue
+      echo "| $s | $rps | $(median_of "$RUNS_TSV" "$s" 4) | $(median_of "$RUNS_TSV" "$s" 5) | $(median_of "$RUNS_TSV" "$s" 6) |" \
+        "$(median_of "$RUNS_TSV" "$s" 7) | $(ratio "$rps" "$POST_PROXY_RPS") | $(ratio "$rps" "$POST_AUTH_RPS") |"
+    done
+    echo
+    echo "Small POSTs, CPU per request: campaign-gate uses" \
+      "$(ratio "$(median_of "$RUNS_TSV" campaign_gate_post 7)" "$(median_of "$RUNS_TSV" nginx_proxy_pass_post 7)") the CPU of nginx proxy_pass" \
+      "$([ -z "$BIN_B" ] || echo "(B $(ratio "$(median_of "$RUNS_TSV" campaign_gate_b_post 7)" "$(median_of "$RUNS_TSV" nginx_proxy_pass_post 7)"))")."
     echo
   fi
   if [ "$(median_of "$RUNS_TSV" campaign_gate_tls 3)" != - ]; then

@@ -148,6 +148,29 @@ impl LimitedBody {
             timer: KeptTimer::default(),
         }
     }
+
+    /// The whole body, taken out, when it is all here already (the own HTTP/1 loop's),
+    /// not empty, at most `max` bytes and within the limit; else `None`, and the body
+    /// is as it was.
+    fn take_whole(&mut self, max: usize) -> Option<Bytes> {
+        let RequestBody::Whole(full) = &mut self.inner else {
+            return None;
+        };
+        let len = full.size_hint().exact()?;
+        if len == 0 || len > self.remaining || len > max as u64 {
+            return None;
+        }
+        // `Full` answers at once, without the waker.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match Pin::new(full).poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let data = frame.into_data().ok()?;
+                self.remaining -= data.len() as u64;
+                Some(data)
+            }
+            _ => None,
+        }
+    }
 }
 
 impl Body for LimitedBody {
@@ -343,7 +366,7 @@ fn final_response_begun(buf: &mut BytesMut) -> bool {
 }
 
 /// How the request body goes to the backend.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, Debug)]
 enum RequestFraming {
     /// No body.
     None,
@@ -363,6 +386,7 @@ fn encode_head(
     head: &http::request::Parts,
     added: Added<'_>,
     body: &LimitedBody,
+    whole: Option<&Bytes>,
     out: &mut Vec<u8>,
 ) -> RequestFraming {
     out.clear();
@@ -385,7 +409,15 @@ fn encode_head(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    let framing = if body.is_end_stream() {
+    let framing = if let Some(data) = whole {
+        // Taken out of `body` already: framed by its length.
+        if !head.headers.contains_key(CONTENT_LENGTH) {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(data.len().to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        RequestFraming::Length
+    } else if body.is_end_stream() {
         RequestFraming::None
     } else if head.headers.contains_key(CONTENT_LENGTH) {
         // hyper has read the client's body by this length; it arrives exactly so.
@@ -401,6 +433,25 @@ fn encode_head(
     };
     out.extend_from_slice(b"\r\n");
     framing
+}
+
+/// The request's first write into `out`: its head, and `whole`, the body taken out of
+/// `body` when all of it was here; how the rest of the body goes (none after `whole`).
+fn encode_request(
+    head: &http::request::Parts,
+    added: Added<'_>,
+    body: &LimitedBody,
+    whole: Option<&Bytes>,
+    out: &mut Vec<u8>,
+) -> RequestFraming {
+    let framing = encode_head(head, added, body, whole, out);
+    match whole {
+        Some(data) => {
+            out.extend_from_slice(data);
+            RequestFraming::None
+        }
+        None => framing,
+    }
 }
 
 /// What became of the request body.
@@ -467,6 +518,9 @@ fn body_refusal(e: &RequestBodyError) -> Refusal {
         RequestBodyError::Timeout => Refusal::RequestTimeout,
     }
 }
+
+/// Largest body written in one write with its head, when all of it is here.
+const WITH_HEAD_MAX: usize = 16 * 1024;
 
 /// A backend's response head, read.
 struct ResponseHead {
@@ -1023,6 +1077,9 @@ impl Pool {
         added: Added<'_>,
         due: tokio::time::Instant,
     ) -> Result<Response<UpstreamBody>, Refusal> {
+        // A small body that is all here already goes in the head's write: one write
+        // and one segment instead of two.
+        let whole = body.take_whole(WITH_HEAD_MAX);
         let (mut conn, framing) = loop {
             let (mut conn, reused) = match self.checkout() {
                 Some(c) => (c, true),
@@ -1033,7 +1090,7 @@ impl Pool {
                     Err(_) => return Err(Refusal::UpstreamTimeout),
                 },
             };
-            let framing = encode_head(head, added, &body, &mut conn.out);
+            let framing = encode_request(head, added, &body, whole.as_ref(), &mut conn.out);
             match within(due, &mut conn.timer, conn.io.write_all(&conn.out)).await? {
                 Ok(()) => break (conn, framing),
                 // The backend had closed an idle connection: no request reached it
@@ -1477,6 +1534,78 @@ mod tests {
         let mut names = h.keys().map(HeaderName::as_str).collect::<Vec<_>>();
         names.sort_unstable();
         assert_eq!(names, ["content-length", "x-kept"]);
+    }
+
+    /// A small body that is all here goes in the head's write; one over the size for
+    /// that, or over the body limit, or a head without a body, leaves the write the
+    /// head alone and the body as it was (the limit's error still comes from it).
+    #[test]
+    fn a_whole_small_body_goes_in_the_heads_write() {
+        let parts = |len: usize| {
+            http::Request::post("/e")
+                .header(CONTENT_LENGTH, len)
+                .body(())
+                .expect("request")
+                .into_parts()
+                .0
+        };
+        let whole = |data: Vec<u8>, limit: u64| {
+            LimitedBody::new(
+                RequestBody::Whole(Full::new(Bytes::from(data))),
+                limit,
+                Duration::from_secs(1),
+            )
+        };
+        let first = |len: usize, limit: u64| {
+            let head = parts(len);
+            let mut body = whole(vec![b'x'; len], limit);
+            let taken = body.take_whole(WITH_HEAD_MAX);
+            let mut out = Vec::new();
+            let framing = encode_request(&head, [&[], &[]], &body, taken.as_ref(), &mut out);
+            (String::from_utf8(out).expect("text"), framing, body)
+        };
+
+        let (out, framing, body) = first(5, 100);
+        assert_eq!(out, "POST /e HTTP/1.1\r\ncontent-length: 5\r\n\r\nxxxxx");
+        assert_eq!(framing, RequestFraming::None);
+        assert!(body.is_end_stream());
+
+        let (out, framing, _) = first(WITH_HEAD_MAX, WITH_HEAD_MAX as u64);
+        assert!(out.ends_with(&format!("\r\n\r\n{}", "x".repeat(WITH_HEAD_MAX))));
+        assert_eq!(framing, RequestFraming::None);
+
+        for (len, limit) in [(WITH_HEAD_MAX + 1, u64::MAX), (5, 4)] {
+            let (out, framing, mut body) = first(len, limit);
+            assert_eq!(
+                out,
+                format!("POST /e HTTP/1.1\r\ncontent-length: {len}\r\n\r\n")
+            );
+            assert_eq!(framing, RequestFraming::Length);
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            let next = Pin::new(&mut body).poll_frame(&mut cx);
+            if limit < len as u64 {
+                assert!(matches!(
+                    next,
+                    Poll::Ready(Some(Err(RequestBodyError::TooLarge)))
+                ));
+            } else {
+                assert!(
+                    matches!(next, Poll::Ready(Some(Ok(f))) if f.data_ref().map(Bytes::len) == Some(len))
+                );
+            }
+        }
+
+        let head = http::Request::get("/g")
+            .body(())
+            .expect("request")
+            .into_parts()
+            .0;
+        let mut body = whole(Vec::new(), 100);
+        assert!(body.take_whole(WITH_HEAD_MAX).is_none());
+        let mut out = Vec::new();
+        let framing = encode_request(&head, [&[], &[]], &body, None, &mut out);
+        assert_eq!(out, b"GET /g HTTP/1.1\r\n\r\n");
+        assert_eq!(framing, RequestFraming::None);
     }
 
     #[test]
