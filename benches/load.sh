@@ -893,6 +893,18 @@ median_of() { # tsv file, scenario, column -> median
     awk '{ a[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2fx", a / b }'; }
+table() { # nginx proxy_pass req/s, nginx auth_request req/s, scenarios... -> a markdown table of their medians
+  local proxy=$1 auth=$2 s rps
+  shift 2
+  echo "| scenario | req/s | p50 ms | p99 ms | p99.9 ms | proxy CPU s / 10k req | vs nginx proxy_pass | vs nginx auth_request |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+  for s in "$@"; do
+    rps=$(median_of "$RUNS_TSV" "$s" 3)
+    [ "$rps" = - ] && continue
+    echo "| $s | $rps | $(median_of "$RUNS_TSV" "$s" 4) | $(median_of "$RUNS_TSV" "$s" 5) | $(median_of "$RUNS_TSV" "$s" 6) |" \
+      "$(median_of "$RUNS_TSV" "$s" 7) | $(ratio "$rps" "$proxy") | $(ratio "$rps" "$auth") |"
+  done
+}
 PROXY_RPS=$(median_of "$RUNS_TSV" nginx_proxy_pass 3)
 AUTH_RPS=$(median_of "$RUNS_TSV" nginx_auth_request 3)
 GATE_RPS=$(median_of "$RUNS_TSV" campaign_gate 3)
@@ -905,14 +917,9 @@ GATE_RPS=$(median_of "$RUNS_TSV" campaign_gate 3)
     "proxies with $WORKERS workers (campaign-gate runtime: ${GATE_RUNTIME:-default}); backend: nginx, 1 worker, \`return 200\`;" \
     "access logs $([ "$ACCESS_LOG" = 1 ] && echo on || echo off); store: **$STORE_KIND**."
   echo
-  echo "| scenario | req/s | p50 ms | p99 ms | p99.9 ms | proxy CPU s / 10k req | vs nginx proxy_pass | vs nginx auth_request |"
-  echo "|---|---:|---:|---:|---:|---:|---:|---:|"
-  for s in backend nginx_proxy_pass nginx_auth_request nginx_auth_service campaign_gate campaign_gate_b campaign_gate_cold campaign_gate_b_cold campaign_gate_miss campaign_gate_b_miss storm_baseline storm_control storm_revoking nginx_proxy_pass_tls campaign_gate_tls; do
-    rps=$(median_of "$RUNS_TSV" "$s" 3)
-    [ "$rps" = - ] && continue
-    echo "| $s | $rps | $(median_of "$RUNS_TSV" "$s" 4) | $(median_of "$RUNS_TSV" "$s" 5) | $(median_of "$RUNS_TSV" "$s" 6) |" \
-      "$(median_of "$RUNS_TSV" "$s" 7) | $(ratio "$rps" "$PROXY_RPS") | $(ratio "$rps" "$AUTH_RPS") |"
-  done
+  table "$PROXY_RPS" "$AUTH_RPS" backend nginx_proxy_pass nginx_auth_request nginx_auth_service campaign_gate \
+    campaign_gate_b campaign_gate_cold campaign_gate_b_cold campaign_gate_miss campaign_gate_b_miss storm_baseline \
+    storm_control storm_revoking nginx_proxy_pass_tls campaign_gate_tls
   echo
   echo "(For \`backend\` the CPU column is the backend's own; for nginx it counts master and workers;" \
     "for \`nginx_auth_service\` (\`auth_request\` whose subrequest goes to an HTTP auth service, the backend's" \
@@ -936,22 +943,14 @@ GATE_RPS=$(median_of "$RUNS_TSV" campaign_gate 3)
     echo
   fi
   if [ "$(median_of "$RUNS_TSV" campaign_gate_post 3)" != - ]; then
-    POST_PROXY_RPS=$(median_of "$RUNS_TSV" nginx_proxy_pass_post 3)
-    POST_AUTH_RPS=$(median_of "$RUNS_TSV" nginx_auth_request_post 3)
     echo "Small POSTs (a 66-byte JSON event to the events route, warm keys; the backend answers as for GET):"
     echo
-    echo "| scenario | req/s | p50 ms | p99 ms | p99.9 ms | proxy CPU s / 10k req | vs nginx proxy_pass | vs nginx auth_request |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
-    for s in nginx_proxy_pass_post nginx_auth_request_post campaign_gate_post campaign_gate_b_post; do
-      rps=$(median_of "$RUNS_TSV" "$s" 3)
-      [ "$rps" = - ] && continue
-      echo "| $s | $rps | $(median_of "$RUNS_TSV" "$s" 4) | $(median_of "$RUNS_TSV" "$s" 5) | $(median_of "$RUNS_TSV" "$s" 6) |" \
-        "$(median_of "$RUNS_TSV" "$s" 7) | $(ratio "$rps" "$POST_PROXY_RPS") | $(ratio "$rps" "$POST_AUTH_RPS") |"
-    done
+    table "$(median_of "$RUNS_TSV" nginx_proxy_pass_post 3)" "$(median_of "$RUNS_TSV" nginx_auth_request_post 3)" \
+      nginx_proxy_pass_post nginx_auth_request_post campaign_gate_post campaign_gate_b_post
     echo
     echo "Small POSTs, CPU per request: campaign-gate uses" \
-      "$(ratio "$(median_of "$RUNS_TSV" campaign_gate_post 7)" "$(median_of "$RUNS_TSV" nginx_proxy_pass_post 7)") the CPU of nginx proxy_pass" \
-      "$([ -z "$BIN_B" ] || echo "(B $(ratio "$(median_of "$RUNS_TSV" campaign_gate_b_post 7)" "$(median_of "$RUNS_TSV" nginx_proxy_pass_post 7)"))")."
+      "$(ratio "$(median_of "$RUNS_TSV" campaign_gate_post 7)" "$(median_of "$RUNS_TSV" nginx_proxy_pass_post 7)") the CPU of nginx proxy_pass$([ -z "$BIN_B" ] ||
+        echo " (B $(ratio "$(median_of "$RUNS_TSV" campaign_gate_b_post 7)" "$(median_of "$RUNS_TSV" nginx_proxy_pass_post 7)"))")."
     echo
   fi
   if [ "$(median_of "$RUNS_TSV" campaign_gate_tls 3)" != - ]; then

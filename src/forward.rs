@@ -379,10 +379,11 @@ enum RequestFraming {
 /// Header fields the gateway adds to a request, in groups.
 pub type Added<'a> = [&'a [(&'a HeaderName, &'a HeaderValue)]; 2];
 
-/// Writes the request head into `out`: request line, every header as the map holds it
-/// (names lower-case), the `added` ones, and the framing header the body needs when the
-/// head has none.
-fn encode_head(
+/// Writes the request's first write into `out`: request line, every header as the map
+/// holds it (names lower-case), the `added` ones, the framing header the body needs when
+/// the head has none, and `whole`, the body taken out of `body` when all of it was
+/// here. Returns how the rest of the body goes (none after `whole`).
+fn encode_request(
     head: &http::request::Parts,
     added: Added<'_>,
     body: &LimitedBody,
@@ -409,20 +410,16 @@ fn encode_head(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    let framing = if let Some(data) = whole {
-        // Taken out of `body` already: framed by its length.
-        if !head.headers.contains_key(CONTENT_LENGTH) {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(data.len().to_string().as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        RequestFraming::Length
-    } else if body.is_end_stream() {
+    let framing = if whole.is_none() && body.is_end_stream() {
         RequestFraming::None
     } else if head.headers.contains_key(CONTENT_LENGTH) {
-        // hyper has read the client's body by this length; it arrives exactly so.
+        // The client's body was read by this length (by hyper or the own loop); it
+        // arrives exactly so.
         RequestFraming::Length
-    } else if let Some(len) = body.size_hint().exact() {
+    } else if let Some(len) = whole
+        .map(|data| data.len() as u64)
+        .or(body.size_hint().exact())
+    {
         out.extend_from_slice(b"content-length: ");
         out.extend_from_slice(len.to_string().as_bytes());
         out.extend_from_slice(b"\r\n");
@@ -432,19 +429,6 @@ fn encode_head(
         RequestFraming::Chunked
     };
     out.extend_from_slice(b"\r\n");
-    framing
-}
-
-/// The request's first write into `out`: its head, and `whole`, the body taken out of
-/// `body` when all of it was here; how the rest of the body goes (none after `whole`).
-fn encode_request(
-    head: &http::request::Parts,
-    added: Added<'_>,
-    body: &LimitedBody,
-    whole: Option<&Bytes>,
-    out: &mut Vec<u8>,
-) -> RequestFraming {
-    let framing = encode_head(head, added, body, whole, out);
     match whole {
         Some(data) => {
             out.extend_from_slice(data);
@@ -1594,6 +1578,19 @@ mod tests {
                 );
             }
         }
+
+        // A whole body under a head without a length gets one.
+        let head = http::Request::post("/e")
+            .body(())
+            .expect("request")
+            .into_parts()
+            .0;
+        let mut body = whole(b"abc".to_vec(), 100);
+        let taken = body.take_whole(WITH_HEAD_MAX);
+        let mut out = Vec::new();
+        let framing = encode_request(&head, [&[], &[]], &body, taken.as_ref(), &mut out);
+        assert_eq!(out, b"POST /e HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc");
+        assert_eq!(framing, RequestFraming::None);
 
         let head = http::Request::get("/g")
             .body(())
