@@ -153,21 +153,18 @@ impl LimitedBody {
     /// not empty, at most `max` bytes and within the limit; else `None`, and the body
     /// is as it was.
     fn take_whole(&mut self, max: usize) -> Option<Bytes> {
-        let RequestBody::Whole(full) = &mut self.inner else {
+        if !matches!(self.inner, RequestBody::Whole(_)) {
             return None;
-        };
-        let len = full.size_hint().exact()?;
+        }
+        let len = self.size_hint().exact()?;
         if len == 0 || len > self.remaining || len > max as u64 {
             return None;
         }
-        // `Full` answers at once, without the waker.
+        // A whole body answers at once, without the waker; its frame is counted
+        // against the limit as any other.
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        match Pin::new(full).poll_frame(&mut cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                let data = frame.into_data().ok()?;
-                self.remaining -= data.len() as u64;
-                Some(data)
-            }
+        match Pin::new(self).poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(frame))) => frame.into_data().ok(),
             _ => None,
         }
     }
