@@ -32,19 +32,13 @@ log() { printf '[callgrind.sh %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 case $REQUEST in get | post) ;; *) die "REQUEST is get or post, not '$REQUEST'" ;; esac
 
-need=()
-export PATH=$PATH:/usr/sbin
-for t in valgrind:valgrind nginx:nginx-light wrk:wrk redis-server:redis-server \
-  redis-cli:redis-tools curl:curl; do
-  command -v "${t%%:*}" >/dev/null 2>&1 || need+=("${t#*:}")
+# shellcheck source=benches/lib.sh
+. "$ROOT/benches/lib.sh"
+install_missing valgrind:valgrind nginx:nginx-light wrk:wrk redis-server:redis-server \
+  redis-cli:redis-tools curl:curl python3:python3
+for tool in valgrind callgrind_control nginx wrk redis-server curl python3; do
+  command -v "$tool" >/dev/null 2>&1 || die "$tool is required and could not be installed"
 done
-if [ ${#need[@]} -gt 0 ]; then
-  log "installing ${need[*]}"
-  sudo=""
-  [ "$(id -u)" = 0 ] || sudo=sudo
-  $sudo apt-get update -qq || true
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
-fi
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   log "building campaign-gate (release)"
@@ -64,18 +58,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-read -r BACKEND_PORT GATE_PORT ADMIN_PORT REDIS_PORT < <(python3 -c 'import socket
-ss = [socket.socket() for _ in range(4)]
-for s in ss: s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in ss])')
-wait_port() { # port, seconds
-  local i
-  for i in $(seq 1 $(($2 * 10))); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  return 1
-}
+read -r BACKEND_PORT GATE_PORT ADMIN_PORT REDIS_PORT < <(free_ports 4)
 
 user=""
 [ "$(id -u)" = 0 ] && user="user root;"

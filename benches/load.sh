@@ -97,28 +97,10 @@ forget() { # drop a pid we stopped ourselves from the cleanup list
 }
 
 # ---- 1. tools ---------------------------------------------------------------------------
-install_missing() {
-  local need=()
-  command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
-  command -v wrk >/dev/null 2>&1 || need+=(wrk)
-  command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
-  command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
-  command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
-  command -v curl >/dev/null 2>&1 || need+=(curl)
-  command -v python3 >/dev/null 2>&1 || need+=(python3)
-  [ ${#need[@]} -eq 0 ] && return
-  log "installing ${need[*]}"
-  local sudo=""
-  [ "$(id -u)" = 0 ] || sudo=sudo
-  $sudo apt-get update -qq || true
-  local p
-  for p in "${need[@]}"; do # one by one: a package that cannot be had skips its peer only
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$p" >/dev/null 2>&1 ||
-      log "could not install $p"
-  done
-}
-install_missing
-export PATH=$PATH:/usr/sbin
+# shellcheck source=benches/lib.sh
+. "$ROOT/benches/lib.sh"
+install_missing nginx:nginx-light wrk:wrk redis-server:redis-server redis-cli:redis-tools \
+  h2load:nghttp2-client curl:curl python3:python3
 for tool in nginx wrk curl python3; do
   command -v "$tool" >/dev/null 2>&1 || die "$tool is required and could not be installed"
 done
@@ -133,19 +115,8 @@ fi
 mkdir -p "$OUT"
 rm -f "$OUT"/*.tsv "$OUT"/*.txt "$OUT"/results.md
 
-free_ports() { # count -> that many distinct free ports on one line
-  python3 -c 'import socket, sys
-ss = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in ss: s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in ss])' "$1"
-}
-wait_port() { # port, seconds
-  local i
-  for ((i = 0; i < $2 * 20; i++)); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  die "nothing listens on 127.0.0.1:$1 after $2 s"
+listening() { # port, seconds
+  wait_port "$1" "$2" || die "nothing listens on 127.0.0.1:$1 after $2 s"
 }
 
 CLK_TCK=$(getconf CLK_TCK)
@@ -225,7 +196,7 @@ start_nginx() { # name, workers, server blocks, port
   nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" -g 'daemon off;' &
   STARTED+=($!)
   eval "PID_$(echo "$1" | tr - _)=$!"
-  wait_port "$4" 10
+  listening "$4" 10
 }
 
 PROXY_LOCATION="proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_request_buffering off;"
@@ -306,7 +277,7 @@ if command -v redis-server >/dev/null 2>&1; then
     --dir "$WORK" --logfile "$WORK/redis.log" &
   STARTED+=($!)
   REDIS_PID=$!
-  wait_port "$REDIS_PORT" 10
+  listening "$REDIS_PORT" 10
   if "$BIN" --store "redis://127.0.0.1:$REDIS_PORT/0" users list >/dev/null 2>"$WORK/redis-probe.err"; then
     STORE_KIND=redis
     STORE_URL="redis://127.0.0.1:$REDIS_PORT/0"
@@ -394,7 +365,7 @@ launch_gate() { # binary, config, port, admin port, name -> LAUNCHED_PID
     kill -0 "$LAUNCHED_PID" 2>/dev/null || die "$5 exited: $(tail -5 "$WORK/$5.err")"
     sleep 0.05
   done
-  wait_port "$3" 10
+  listening "$3" 10
   : >"$WORK/$5.out"
   curl -fsS "http://127.0.0.1:$4/readyz" >/dev/null 2>&1 || sleep 1
 }
