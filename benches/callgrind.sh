@@ -36,9 +36,7 @@ case $REQUEST in get | post) ;; *) die "REQUEST is get or post, not '$REQUEST'" 
 . "$ROOT/benches/lib.sh"
 install_missing valgrind:valgrind nginx:nginx-light wrk:wrk redis-server:redis-server \
   redis-cli:redis-tools curl:curl python3:python3
-for tool in valgrind callgrind_control nginx wrk redis-server curl python3; do
-  command -v "$tool" >/dev/null 2>&1 || die "$tool is required and could not be installed"
-done
+require valgrind callgrind_control nginx wrk redis-server curl python3
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   log "building campaign-gate (release)"

@@ -1,4 +1,4 @@
-# Shared by the bench scripts (sourced): the caller defines log() first.
+# Shared by the bench scripts (sourced): the caller defines log() and die() first.
 
 # install_missing command:package ... -> installs, with apt-get, the package of each
 # command that is not on PATH (/usr/sbin included). One by one: a package that cannot be
@@ -16,6 +16,13 @@ install_missing() {
   for p in "${need[@]}"; do
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$p" >/dev/null 2>&1 ||
       log "could not install $p"
+  done
+}
+
+require() { # command ... -> dies naming the first one not on PATH
+  local t
+  for t in "$@"; do
+    command -v "$t" >/dev/null 2>&1 || die "$t is required and could not be installed"
   done
 }
 

@@ -101,9 +101,7 @@ forget() { # drop a pid we stopped ourselves from the cleanup list
 . "$ROOT/benches/lib.sh"
 install_missing nginx:nginx-light wrk:wrk redis-server:redis-server redis-cli:redis-tools \
   h2load:nghttp2-client curl:curl python3:python3
-for tool in nginx wrk curl python3; do
-  command -v "$tool" >/dev/null 2>&1 || die "$tool is required and could not be installed"
-done
+require nginx wrk curl python3
 
 # ---- 2. build ---------------------------------------------------------------------------
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
